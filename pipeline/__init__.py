@@ -1,0 +1,1 @@
+"""Ray-distributed Diffusion-RPO preference alignment for text-to-image diffusion models."""

@@ -1,0 +1,379 @@
+"""Typed configuration for a whole alignment run.
+
+One nested dataclass tree, loaded from YAML, overridden by dotted ``--set key=value`` arguments, validated up
+front, and round-tripped through a plain dict (that is how Ray workers receive it).
+
+    cfg = load_config("jobs/configs/toy.yaml", overrides=["loss.beta=5000", "train.lr=1e-6"])
+    cfg_dict = cfg.to_dict(); same = AlignConfig.from_dict(cfg_dict)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key, the bad value and what is accepted."""
+
+
+# --------------------------------------------------------------------------------------------- the parts
+
+
+@dataclass
+class DataConfig:
+    # "toy" makes the synthetic toy world under <storage>/<name>/toy_world; anything else is a path to a
+    # Pick-a-Pic Parquet file/folder or a JSONL file whose image paths are relative to its folder.
+    source: str = "toy"
+    toy_pairs: int = 64
+    toy_resolution: int = 64
+    toy_target_style: str = "sketch"
+    toy_seed: int = 0
+    drop_ties: bool = True
+    max_image_pixels: int = 4096 * 4096  # larger decoded images are quarantined as decompression bombs
+    max_aspect_ratio: float = 3.0  # winner/loser aspect ratios further apart than this are quarantined
+    holdout_fraction: float = 0.125  # pairs kept apart (by pair_id hash) for evaluation
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" builds the tiny SDXL-shaped pipeline under <storage>/<name>/tiny_model (no downloads); anything else
+    # is a hub id (stabilityai/stable-diffusion-xl-base-1.0) or a local diffusers pipeline folder.
+    pretrained: str = "tiny"
+    kind: Literal["auto", "sdxl", "sd15"] = "auto"
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16"
+    # OpenCLIP model for the similarity weights: "tiny" (random weights, offline) or an open_clip model name.
+    clip_model: str = "tiny"
+    clip_pretrained: str | None = None  # an open_clip tag or a local weights file
+
+
+@dataclass
+class PrecomputeConfig:
+    store: str = ""  # feature store URI; "" means <storage>/<name>/features
+    resolution: int = 64  # square training resolution in pixels (1024 for SDXL, 512 for SD1.5)
+    batch_size: int = 8
+    num_encoder_actors: int = 1
+    actor_num_cpus: float = 0.5  # fractional so actors never starve Ray Data's read tasks on small nodes
+    actor_num_gpus: float = 0.0  # 1.0 on a GPU cluster
+    rows_per_shard: int = 512
+    on_mismatch: Literal["error", "new_store"] = "error"
+
+
+@dataclass
+class LossConfig:
+    objective: Literal["rpo", "dpo", "sft"] = "rpo"
+    beta: float = 5000.0
+    alpha: float = 0.5  # 1.0 weights by prompt similarity only
+    tau: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["full", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    max_steps: int = 20
+    batch_size_per_worker: int = 2  # pairs per worker per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 1e-5
+    lr_warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the device has it, else fp32
+    zero_stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False
+    prompt_dropout: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    max_failures: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    worker_num_cpus: float = 1.0
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 2
+    max_concurrent_trials: int = 1
+    metric: str = "accuracy"
+    mode: Literal["max", "min"] = "max"
+    search_space: dict[str, list[Any]] = field(default_factory=dict)  # "loss.beta": [1000, 5000]
+
+
+@dataclass
+class GenerateConfig:
+    num_prompts: int = 8
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int = 0
+    batch_size: int = 4
+
+
+@dataclass
+class EvaluateConfig:
+    scorers: list[str] = field(default_factory=lambda: ["style"])
+
+
+@dataclass
+class ClusterConfig:
+    storage_path: str = "runs"  # local folder or s3:// / gs:// URI; everything of a run lives under it
+    ray_address: str | None = None  # None: Ray's own rules (RAY_ADDRESS, a running head, else a local Ray)
+
+
+@dataclass
+class AlignConfig:
+    name: str = "toy"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AlignConfig":
+        cfg = _build(cls, values, prefix="")
+        validate(cfg)
+        return cfg
+
+    # Where each artefact of the run lives, derived in one place.
+    @property
+    def run_dir(self) -> str:
+        return join_uri(self.cluster.storage_path, self.name)
+
+    @property
+    def store_uri(self) -> str:
+        return self.precompute.store or join_uri(self.run_dir, "features")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI (s3://bucket/x) without touching the scheme."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------- dict -> dataclass
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = prefix or "<root>"
+        raise ConfigError(
+            f"unknown config key '{_join(prefix, unknown[0])}' in '{where}'; accepted keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name in known & set(values):
+        kwargs[name] = _coerce(hints[name], values[name], _join(prefix, name))
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check (and gently convert) one value against its type hint; raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} fits none of {args}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {hint!r}")  # a bug in this module, not user input
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def validate(cfg: AlignConfig) -> None:
+    """Impossible values and combinations, caught before any work starts."""
+
+    def need(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {value!r} is not allowed; accepted: {accepted}")
+
+    need(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
+    need(cfg.data.toy_pairs >= 2, "data.toy_pairs", cfg.data.toy_pairs, "an integer >= 2")
+    need(cfg.data.toy_resolution >= 16, "data.toy_resolution", cfg.data.toy_resolution, "an integer >= 16")
+    need(cfg.data.max_aspect_ratio >= 1.0, "data.max_aspect_ratio", cfg.data.max_aspect_ratio, "a number >= 1")
+    need(0.0 <= cfg.data.holdout_fraction < 1.0, "data.holdout_fraction", cfg.data.holdout_fraction, "0 <= x < 1")
+    res = cfg.precompute.resolution
+    need(res >= 8 and res % 8 == 0, "precompute.resolution", res, "a positive multiple of 8 (the VAE downsamples by 8)")
+    need(cfg.precompute.batch_size >= 1, "precompute.batch_size", cfg.precompute.batch_size, "an integer >= 1")
+    need(cfg.precompute.num_encoder_actors >= 1, "precompute.num_encoder_actors", cfg.precompute.num_encoder_actors, ">= 1")
+    need(cfg.precompute.actor_num_cpus > 0, "precompute.actor_num_cpus", cfg.precompute.actor_num_cpus, "> 0")
+    need(cfg.precompute.actor_num_gpus >= 0, "precompute.actor_num_gpus", cfg.precompute.actor_num_gpus, ">= 0")
+    need(cfg.precompute.rows_per_shard >= 1, "precompute.rows_per_shard", cfg.precompute.rows_per_shard, ">= 1")
+    need(cfg.loss.beta > 0, "loss.beta", cfg.loss.beta, "a number > 0 (Diffusion-DPO uses 5000)")
+    need(0.0 <= cfg.loss.alpha <= 1.0, "loss.alpha", cfg.loss.alpha, "a number in [0, 1]")
+    need(cfg.loss.tau > 0, "loss.tau", cfg.loss.tau, "a number > 0")
+    t = cfg.train
+    need(t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1")
+    need(t.batch_size_per_worker >= 1, "train.batch_size_per_worker", t.batch_size_per_worker, "an integer >= 1")
+    need(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "an integer >= 1")
+    need(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", t.lr_warmup_steps, ">= 0")
+    need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 turns clipping off)")
+    need(0.0 <= t.prompt_dropout < 1.0, "train.prompt_dropout", t.prompt_dropout, "0 <= x < 1")
+    need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "an integer >= 1")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
+    need(t.num_workers >= 1, "train.num_workers", t.num_workers, "an integer >= 1")
+    need(t.lora_rank >= 1, "train.lora_rank", t.lora_rank, "an integer >= 1")
+    need(t.worker_num_cpus > 0, "train.worker_num_cpus", t.worker_num_cpus, "> 0")
+    if t.offload_optimizer and t.optimizer == "adafactor":
+        raise ConfigError(
+            "config keys 'train.offload_optimizer' and 'train.optimizer': DeepSpeed's CPU offload needs AdamW; "
+            "set train.optimizer=adamw or train.offload_optimizer=false"
+        )
+    if t.precision in ("bf16", "fp16") and not t.use_gpu:
+        raise ConfigError(
+            f"config key 'train.precision': {t.precision!r} needs GPUs (train.use_gpu=true); use 'auto' or 'fp32' on CPU"
+        )
+    for key in cfg.tune.search_space:
+        _lookup(cfg, key)  # raises on a key that does not exist
+    need(cfg.tune.num_samples >= 1, "tune.num_samples", cfg.tune.num_samples, "an integer >= 1")
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------- YAML + overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-6' -> ('train.lr', 1e-6). The value is read as YAML, so numbers, booleans and lists work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-6")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads "1e-6" as a string; numbers are what a user means there.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = _deep_copy(values)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AlignConfig:
+    """Defaults <- YAML file (if any) <- dotted overrides; validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist; the shipped configs are in jobs/configs/")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    values = apply_overrides(values, overrides or [])
+    return AlignConfig.from_dict(values)
+
+
+def add_config_args(parser: Any) -> None:
+    """The two arguments every job takes: a YAML config and dotted overrides."""
+    parser.add_argument("--config", default=None, help="YAML config (see jobs/configs/); defaults apply without one")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=1e-6 (repeatable)",
+    )
+
+
+def config_from_args(args: Any) -> AlignConfig:
+    return load_config(args.config, args.overrides)
