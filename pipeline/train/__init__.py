@@ -1,0 +1,1 @@
+"""Distributed preference fine-tuning: Ray Train workers running DeepSpeed ZeRO over the feature store."""

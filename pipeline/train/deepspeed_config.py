@@ -1,0 +1,40 @@
+"""The DeepSpeed config a run's TrainConfig implies: a pure function, so it is tested without DeepSpeed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import TrainConfig
+
+
+def resolve_precision(requested: str, *, cuda: bool, bf16_supported: bool) -> str:
+    """'auto' means bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU (CPU half precision is slow)."""
+    if requested != "auto":
+        return requested
+    if not cuda:
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def deepspeed_config(train: TrainConfig, *, precision: str) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": train.zero_stage, "contiguous_gradients": True}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    if train.zero_stage == 3:
+        # The final export gathers full weights; every rank must take part.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size_per_worker,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        # We pass a torch optimizer object: DeepSpeed would otherwise JIT-compile its fused Adam.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config

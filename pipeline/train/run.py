@@ -1,0 +1,80 @@
+"""Driver side of training: build the `TorchTrainer` over the feature store, fit it, say where the model went.
+
+Resume is Ray Train's own: the run lives at <storage>/<name>/train, so running the same command again (same
+`cluster.storage_path` and `name`) continues from the newest checkpoint, and `train.max_failures` lets Ray restart
+failed workers from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.config import AlignConfig, join_uri
+from pipeline.storage import absolute, write_text
+from pipeline.train.metrics import MetricsLogger
+from pipeline.train.worker import WorkerPlan, train_loop_per_worker
+
+TRAIN_RUN_NAME = "train"
+
+
+@dataclass
+class TrainResult:
+    model_uri: str  # diffusers UNet folder (full) or folder with pytorch_lora_weights.safetensors (LoRA)
+    checkpoint_uri: str | None
+    metrics: dict[str, Any]
+
+
+def model_uri(cfg: AlignConfig) -> str:
+    return join_uri(cfg.run_dir, "model")
+
+
+def run_training(cfg: AlignConfig) -> TrainResult:
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.precompute import read_manifest, read_training_dataset, resolve_model_path
+
+    manifest = read_manifest(cfg.store_uri)
+    datasets = {"train": read_training_dataset(cfg.store_uri, split="train")}
+    holdout = read_training_dataset(cfg.store_uri, split="holdout")
+    if holdout.count() > 0:
+        datasets["holdout"] = holdout
+    plan = WorkerPlan(
+        model_path=resolve_model_path(cfg),
+        kind=manifest["model"]["kind"],
+        train_rows=datasets["train"].count(),
+        model_out=model_uri(cfg),
+    )
+    # Same order every epoch and every run: a resumed or restarted run sees exactly the batches it would have.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    resources = {"CPU": cfg.train.worker_num_cpus} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    storage = absolute(cfg.run_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan)},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=TRAIN_RUN_NAME,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=[MetricsLogger(join_uri(storage, TRAIN_RUN_NAME))],
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    write_text(join_uri(model_uri(cfg), "align_config.json"), json.dumps(cfg.to_dict(), indent=2))
+    write_text(join_uri(model_uri(cfg), "final_metrics.json"), json.dumps(metrics, indent=2))
+    return TrainResult(
+        model_uri=model_uri(cfg),
+        checkpoint_uri=result.checkpoint.path if result.checkpoint else None,
+        metrics=metrics,
+    )

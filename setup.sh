@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up .venv/ with the whole stack, from this project's own files:  bash setup.sh
+# TORCH_PIN overrides the torch pair (default: the pair known to import with open_clip's torchvision here).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+TORCH_PIN=${TORCH_PIN:-"torch==2.14.1 torchvision==0.29.1"}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet $TORCH_PIN
+.venv/bin/python -m pip install --quiet -e .
+
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # DeepSpeed on CPU JIT-compiles a shared-memory collective on first use (~40 s, cached under
+  # ~/.cache/torch_extensions); build it once here instead of inside the first training run.
+  DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+fi
+echo "setup done: .venv/ is ready"
