@@ -125,6 +125,7 @@ class GenerateConfig:
 
 @dataclass
 class EvaluateConfig:
+    holdout_pairs: int = 64  # held-apart pairs whose implicit accuracy training reports at its start and end
     scorers: list[str] = field(default_factory=lambda: ["style"])
 
 
@@ -301,6 +302,7 @@ def validate(cfg: AlignConfig) -> None:
         )
     for key in cfg.tune.search_space:
         _lookup(cfg, key)  # raises on a key that does not exist
+    need(cfg.evaluate.holdout_pairs >= 0, "evaluate.holdout_pairs", cfg.evaluate.holdout_pairs, "an integer >= 0")
     need(cfg.tune.num_samples >= 1, "tune.num_samples", cfg.tune.num_samples, "an integer >= 1")
 
 

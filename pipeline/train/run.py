@@ -8,7 +8,7 @@ failed workers from it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import AlignConfig, join_uri
@@ -30,6 +30,22 @@ def model_uri(cfg: AlignConfig) -> str:
     return join_uri(cfg.run_dir, "model")
 
 
+def holdout_sample(cfg: AlignConfig, manifest: dict[str, Any]):
+    """A fixed sample of held-apart pairs, put in Ray's object store once for every worker (None if there are none).
+
+    It is small by construction (evaluate.holdout_pairs), so each worker evaluates it whole instead of running a
+    second Ray Data pipeline beside the training one.
+    """
+    import ray
+
+    from pipeline.precompute import read_training_dataset
+
+    if cfg.evaluate.holdout_pairs == 0 or manifest["counts"].get("holdout", 0) == 0:
+        return None
+    holdout = read_training_dataset(cfg.store_uri, split="holdout")
+    return ray.put(holdout.take_batch(cfg.evaluate.holdout_pairs, batch_format="numpy"))
+
+
 def run_training(cfg: AlignConfig) -> TrainResult:
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -38,15 +54,13 @@ def run_training(cfg: AlignConfig) -> TrainResult:
     from pipeline.precompute import read_manifest, read_training_dataset, resolve_model_path
 
     manifest = read_manifest(cfg.store_uri)
-    datasets = {"train": read_training_dataset(cfg.store_uri, split="train")}
-    holdout = read_training_dataset(cfg.store_uri, split="holdout")
-    if holdout.count() > 0:
-        datasets["holdout"] = holdout
+    train = read_training_dataset(cfg.store_uri, split="train")
     plan = WorkerPlan(
         model_path=resolve_model_path(cfg),
         kind=manifest["model"]["kind"],
-        train_rows=datasets["train"].count(),
+        train_rows=manifest["counts"]["train"],
         model_out=model_uri(cfg),
+        holdout=holdout_sample(cfg, manifest),
     )
     # Same order every epoch and every run: a resumed or restarted run sees exactly the batches it would have.
     ingest = DataConfig.default_ingest_options()
@@ -55,7 +69,7 @@ def run_training(cfg: AlignConfig) -> TrainResult:
     storage = absolute(cfg.run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan)},
+        train_loop_config={"cfg": cfg.to_dict(), "plan": vars(plan)},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
@@ -66,8 +80,8 @@ def run_training(cfg: AlignConfig) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[MetricsLogger(join_uri(storage, TRAIN_RUN_NAME))],
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        datasets={"train": train},
+        dataset_config=DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})

@@ -39,6 +39,7 @@ class WorkerPlan:
     kind: str  # "sdxl" | "sd15"
     train_rows: int
     model_out: str  # URI of the final diffusers UNet folder / LoRA file
+    holdout: Any = None  # ObjectRef of a numpy batch of held-apart rows, or None
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -60,7 +61,7 @@ def _optimizer(cfg: AlignConfig, params: list[torch.nn.Parameter]) -> torch.opti
 def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
     import deepspeed
 
-    from pipeline.models import load_components
+    from pipeline.models.loader import load_components
 
     parts = load_components(plan.model_path, kind=plan.kind, parts=("unet", "scheduler"), device="cpu")
     unet, scheduler = parts.unet, parts.scheduler
@@ -202,11 +203,11 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bad.item() == 0.0
 
 
-def holdout_metrics(engine, reference, reference_mode, scheduler, cfg: AlignConfig, shard, *, sdxl, dtype) -> dict:
+def holdout_metrics(engine, reference, reference_mode, scheduler, cfg: AlignConfig, rows, *, sdxl, dtype) -> dict:
     """Implicit preference accuracy (ties count half) and reward margin of the policy on held-apart pairs.
 
     Fixed draws per pair, so the value at step 0 (policy == reference: every reward 0, accuracy 0.5) and at the end
-    are comparable. Every rank runs the whole holdout: under ZeRO-3 all ranks must join each forward.
+    are comparable. Every rank runs the whole sample: under ZeRO-3 all ranks must join each forward.
     """
     from pipeline import losses
 
@@ -214,8 +215,10 @@ def holdout_metrics(engine, reference, reference_mode, scheduler, cfg: AlignConf
     wins, margins, count = 0.0, 0.0, 0
     engine.eval()
     with torch.no_grad():
-        for rows in shard.iter_batches(batch_size=cfg.train.batch_size_per_worker, batch_format="numpy"):
-            batch = to_pair_batch(rows, sdxl=sdxl, device=device, dtype=dtype)
+        size = cfg.train.batch_size_per_worker
+        for start in range(0, len(rows["pair_id"]), size):
+            chunk = {k: v[start:start + size] for k, v in rows.items()}
+            batch = to_pair_batch(chunk, sdxl=sdxl, device=device, dtype=dtype)
             for k in range(HOLDOUT_DRAWS):
                 d = noise_draws.draw(
                     batch.pair_ids, seed=cfg.train.seed, step=-1, micro_step=k,
@@ -247,6 +250,7 @@ def _apply_prompt_dropout(batch: PairBatch, drop: torch.Tensor, empty: tuple[tor
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -270,7 +274,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         prompt, pooled = load_empty_prompt(cfg.store_uri)
         empty = (torch.as_tensor(prompt).to(device), torch.as_tensor(pooled).to(device) if sdxl else None)
 
-    holdout = ray.train.get_dataset_shard("holdout")
+    holdout = ray.get(plan.holdout) if plan.holdout is not None else None
     evaluate = lambda: holdout_metrics(  # noqa: E731
         engine, reference, reference_mode, scheduler, cfg, holdout, sdxl=sdxl, dtype=dtype
     ) if holdout is not None else {}
