@@ -25,6 +25,9 @@ from pipeline.train.step import PairBatch, pair_mses, preference_loss
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 HOLDOUT_DRAWS = 4  # noise/timestep draws per held-apart pair: a steadier estimate than one
+# Policy and reference MSEs closer than this count as a tie: two copies of one UNet in fp32 can differ by ~1e-7
+# (other kernels for other memory layouts), which would otherwise read as a won or lost pair at step 0.
+TIE_MSE = 1e-6
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -204,7 +207,7 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def holdout_metrics(engine, reference, reference_mode, scheduler, cfg: AlignConfig, rows, *, sdxl, dtype) -> dict:
-    """Implicit preference accuracy (ties count half) and reward margin of the policy on held-apart pairs.
+    """Implicit preference accuracy (ties count half) and mean reward margin of the policy on held-apart pairs.
 
     Fixed draws per pair, so the value at step 0 (policy == reference: every reward 0, accuracy 0.5) and at the end
     are comparable. Every rank runs the whole sample: under ZeRO-3 all ranks must join each forward.
@@ -231,8 +234,10 @@ def holdout_metrics(engine, reference, reference_mode, scheduler, cfg: AlignConf
                     ref_w, ref_l = pair_mses(reference or engine, scheduler, batch, n, ts, winners_only=False)
                 r_w = losses.implicit_rewards(mse_w, ref_w, beta=cfg.loss.beta)
                 r_l = losses.implicit_rewards(mse_l, ref_l, beta=cfg.loss.beta)
-                wins += (torch.sign(r_w - r_l) + 1).div(2).sum().item()
-                margins += (r_w - r_l).sum().item()
+                gap = r_w - r_l
+                tie = gap.abs() <= cfg.loss.beta / 2 * TIE_MSE
+                wins += ((gap > 0) & ~tie).sum().item() + 0.5 * tie.sum().item()
+                margins += gap.sum().item()
                 count += len(batch.pair_ids)
     engine.train()
     if count == 0:
