@@ -112,11 +112,20 @@ def test_lora_run_loads_with_load_lora_weights(toy_store):
     lora_file = os.path.join(result.model_uri, "pytorch_lora_weights.safetensors")
     assert os.path.exists(lora_file)
     pipe = StableDiffusionXLPipeline.from_pretrained(resolve_model_path(cfg), local_files_only=True)
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    before = _unet_output(pipe.unet)
     pipe.load_lora_weights(result.model_uri)
-    pipe.fuse_lora()
-    after = pipe.unet.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before if k in after), "the LoRA changed the UNet"
+    assert pipe.get_list_adapters()["unet"]
+    assert not torch.allclose(before, _unet_output(pipe.unet)), "the trained LoRA changes the UNet's output"
+
+
+def _unet_output(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 4, 4, generator=gen)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen)
+    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(1, pooled_dim, generator=gen), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), encoder_hidden_states=text, added_cond_kwargs=added).sample
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(toy_store):
