@@ -89,7 +89,7 @@ def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
         reference = copy.deepcopy(unet).requires_grad_(False).eval().to(device, dtype)
 
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    ds_config = deepspeed_config(cfg.train, precision=precision)
+    ds_config = deepspeed_config(cfg.train, precision=precision, num_params=sum(p.numel() for p in unet.parameters()))
     schedule = lambda step: lr_multiplier(  # noqa: E731
         step, warmup_steps=cfg.train.lr_warmup_steps, total_steps=cfg.train.max_steps, schedule=cfg.train.lr_schedule
     )

@@ -11,12 +11,15 @@ def test_precision_auto():
 
 def test_zero2_default_and_zero3_offload():
     cfg = load_config(None, ["train.batch_size_per_worker=3", "train.grad_accum_steps=2", "train.grad_clip=0.5"])
-    ds = deepspeed_config(cfg.train, precision="bf16")
+    ds = deepspeed_config(cfg.train, precision="bf16", num_params=10**9)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds and "offload_optimizer" not in ds["zero_optimization"]
     cfg = load_config(None, ["train.zero_stage=3", "train.offload_optimizer=true"])
-    ds = deepspeed_config(cfg.train, precision="fp32")
+    ds = deepspeed_config(cfg.train, precision="fp32", num_params=1000)
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
     assert zero["stage3_gather_16bit_weights_on_model_save"] and "bf16" not in ds
+    # buckets never larger than the model (DeepSpeed allocates them whole), capped for big models
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 1000
