@@ -275,7 +275,7 @@ def rpo_loss_global(
 
     Each rank holds B local pairs; the global batch has N = world_size * B. This rank computes the rows of
     its own winners against the losers of ALL ranks: the losers' rewards are all-gathered with gradient,
-    the text and loser-image embeddings are all-gathered without (they are constants), and the weights are
+    the text and loser-image embeddings with them but without (they are constants), and the weights are
     [B, N]. The returned loss is the mean over these B rows and N columns. Without torch.distributed (or with
     one rank) this is exactly `rpo_loss(..., similarity_weights(...))`.
 
@@ -296,9 +296,12 @@ def rpo_loss_global(
     r_w = implicit_rewards(model_mse_w, ref_mse_w, beta=beta)
     r_l = implicit_rewards(model_mse_l, ref_mse_l, beta=beta)
     _check_vector("model_mse_l", model_mse_l, r_w.shape[0])
-    text_all = all_gather_with_grad(text_emb.detach())
-    image_l_all = all_gather_with_grad(image_emb_l.detach())
+    # One collective for the three column quantities: [r_l | text | image_l] packed side by side. Only the
+    # reward column carries gradient (the embeddings are detached constants).
+    text, image_l = text_emb.detach().to(r_l.dtype), image_emb_l.detach().to(r_l.dtype)
+    columns = all_gather_with_grad(torch.cat([r_l[:, None], text, image_l], dim=1))
+    r_l_all, text_all, image_l_all = columns.split([1, text.shape[1], image_l.shape[1]], dim=1)
     weights = _weights_for_rows(text_emb.detach(), image_emb_w.detach(), text_all, image_l_all, alpha=alpha, tau=tau)
-    loss = rpo_terms(r_w, all_gather_with_grad(r_l), weights).mean()
+    loss = rpo_terms(r_w, r_l_all[:, 0], weights).mean()
     metrics = preference_metrics(r_w, r_l, weights, column_offset=rank * r_w.shape[0])
     return loss, metrics
