@@ -11,15 +11,16 @@ Running the same command again resumes: finished stages are skipped, training co
 """
 
 from pipeline.cli import init_ray, parse
-from pipeline.precompute import run_precompute
+from pipeline.precompute import format_summary, run_precompute
 from pipeline.train.run import run_training
 
 
 def main() -> None:
     cfg = parse(__doc__.splitlines()[0])
     init_ray(cfg)
-    store = run_precompute(cfg)
-    print(f"[align] feature store: {store}")
+    summary = run_precompute(cfg)
+    print(format_summary(summary))
+    cfg.precompute.store = summary["store_uri"]  # precompute.on_mismatch=new_store may have chosen a new store
     result = run_training(cfg)
     shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
     print(f"[align] final metrics: {shown}")

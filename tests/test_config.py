@@ -71,3 +71,10 @@ def test_shipped_configs_load():
         text = path.read_text()
         assert text.startswith("# "), f"{path} starts with the command that uses it"
         load_config(path)
+
+
+def test_toy_config_is_the_embedded_default():
+    from pathlib import Path
+
+    toy = Path(__file__).parents[1] / "jobs" / "configs" / "toy.yaml"
+    assert load_config(toy) == load_config(None)  # `python jobs/align.py` with no --config runs toy.yaml
