@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipeline.config import AlignConfig, add_config_args, config_from_args
+from pipeline.config import AlignConfig, ConfigError, add_config_args, config_from_args
 
 
 def parse(description: str) -> AlignConfig:
+    """The job's config; a bad one ends the job with its one-line reason (exit code 2), not a traceback."""
     parser = argparse.ArgumentParser(description=description)
     add_config_args(parser)
-    return config_from_args(parser.parse_args())
+    try:
+        return config_from_args(parser.parse_args())
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def init_ray(cfg: AlignConfig) -> None:
