@@ -1,0 +1,501 @@
+"""The feature store: what precompute writes once and training reads many times.
+
+Layout under the store URI (a local folder, ``s3://...`` or ``gs://...``, through pyarrow's filesystems)::
+
+    manifest.json               the commit point: settings, and every committed shard of every table with its rows
+    texts/part-<uuid>.parquet   one row per caption:  caption_hash, caption, prompt_embeds (+ shape), pooled, clip_text
+    images/part-<uuid>.parquet  one row per image:    image_hash, latents (+ shape), clip_image, original size, crop,
+                                                      add_time_ids
+    pairs/part-<uuid>.parquet   one row per comparison: pair_id, caption_hash, image_w_hash, image_l_hash, split, ...
+    quarantine/part-<uuid>.parquet  rows that could not be used: source, row, reason, detail, pair_id (if known)
+
+Each thing is stored once: Pick-a-Pic repeats captions and images across pairs, and an SDXL ``prompt_embeds`` is
+~315 KB, so pairs refer to texts and images by content hash. Tensors are stored flat (``list<halffloat>`` /
+``list<float>``) next to a shape column, which any Parquet reader understands.
+
+Commit protocol (crash safety). A shard is written completely before anything refers to it: on a local disk to a
+``.tmp-`` name that is renamed into place, on an object store under its final unique name (an object becomes
+visible only when its upload completes). Then ``manifest.json``, listing the new shards, is written to a temp
+name and moved into place (a rename on a local disk, a server-side copy on object stores: either way readers see
+the old manifest or the new one, never half of one). Readers only ever read shards the manifest lists,
+so the manifest write *is* the commit: a crash leaves at most unlisted files, which readers never see and the
+next run deletes (``remove_orphans``). One writer per store at a time is assumed (a precompute job); readers
+may run at any time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import join_uri
+from pipeline.data.schema import QUARANTINE_SCHEMA
+from pipeline.storage import absolute, filesystem, is_local, read_text, write_text
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "holdout")
+PAIR_BLOCK_ROWS = 256  # pairs per Ray Data block of the training dataset
+
+TEXTS_SCHEMA = pa.schema(
+    [
+        pa.field("caption_hash", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("prompt_embeds", pa.list_(pa.float16())),  # [77, D] flattened
+        pa.field("prompt_embeds_shape", pa.list_(pa.int32())),
+        pa.field("pooled_prompt_embeds", pa.list_(pa.float16())),  # [P]; empty for SD1.5
+        pa.field("clip_text", pa.list_(pa.float32())),  # [E], L2-normalised
+    ]
+)
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_hash", pa.string(), nullable=False),
+        pa.field("latents", pa.list_(pa.float16())),  # [C, h, w] flattened, already times the VAE scaling factor
+        pa.field("latent_shape", pa.list_(pa.int32())),
+        pa.field("clip_image", pa.list_(pa.float32())),  # [E], L2-normalised
+        pa.field("original_height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("crop_top", pa.int32()),
+        pa.field("crop_left", pa.int32()),
+        pa.field("add_time_ids", pa.list_(pa.float32())),  # [6]: original (h, w), crop (top, left), target (h, w)
+    ]
+)
+PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("caption_hash", pa.string(), nullable=False),
+        pa.field("image_w_hash", pa.string(), nullable=False),
+        pa.field("image_l_hash", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # "train" | "holdout"
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),
+    ]
+)
+# The data module's quarantine table, plus the pair_id where one is known (rows rejected while encoding), so a
+# re-run knows that pair is already dealt with.
+STORE_QUARANTINE_SCHEMA = QUARANTINE_SCHEMA.append(pa.field("pair_id", pa.string()))
+
+TABLE_SCHEMAS = {
+    "texts": TEXTS_SCHEMA,
+    "images": IMAGES_SCHEMA,
+    "pairs": PAIRS_SCHEMA,
+    "quarantine": STORE_QUARANTINE_SCHEMA,
+}
+TABLE_KEYS = {"texts": "caption_hash", "images": "image_hash", "pairs": "pair_id", "quarantine": None}
+# Settings recorded for information only: the same weights under another path or tag are the same model.
+INFORMATIONAL_SETTINGS = ("model.source", "clip.pretrained")
+
+
+class StoreMismatchError(ValueError):
+    """The store at this URI was made with other models or settings; it is never mixed with new rows."""
+
+
+# ---------------------------------------------------------------------------------------- tensor columns
+
+
+def tensor_column(arrays: Sequence[np.ndarray | None], dtype: np.dtype) -> tuple[pa.ListArray, pa.ListArray]:
+    """(flat values, shapes) list columns for a sequence of arrays; ``None`` becomes a null in both."""
+    value_type = pa.from_numpy_dtype(np.dtype(dtype))
+    flats = [np.ascontiguousarray(a, dtype=dtype).reshape(-1) for a in arrays if a is not None]
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([a.size if a is not None else 0 for a in arrays])
+    values = pa.array(np.concatenate(flats) if flats else np.zeros(0, dtype=dtype), type=value_type)
+    mask = pa.array([a is None for a in arrays], type=pa.bool_())
+    flat_column = pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
+    shapes = pa.array([list(a.shape) if a is not None else None for a in arrays], type=pa.list_(pa.int32()))
+    return flat_column, shapes
+
+
+def stacked_tensors(values: pa.ChunkedArray | pa.Array, shapes: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """[N, *shape] numpy array from a flat list column (all rows one shape; ``shapes`` None means 1-D rows).
+
+    Chunk by chunk: a whole store's prompt embeddings overflow the 32-bit offsets of one combined list array.
+    """
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    if shapes is None:
+        distinct = {(length,) for chunk in chunks for length in pc.unique(pc.list_value_length(chunk)).to_pylist()}
+    else:
+        distinct = {tuple(shape) for shape in shapes}
+    if len(distinct) > 1:
+        raise ValueError(f"tensor rows have different shapes {sorted(distinct)}; a store holds one resolution")
+    row_shape = distinct.pop() if distinct else (0,)
+    dtype = values.type.value_type.to_pandas_dtype()
+    flats = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunks]
+    flat = np.concatenate(flats) if flats else np.zeros(0, dtype=dtype)
+    return flat.astype(dtype, copy=False).reshape((sum(len(chunk) for chunk in chunks), *row_shape))
+
+
+def texts_rows(
+    caption_hashes: Sequence[str],
+    captions: Sequence[str],
+    prompt_embeds: np.ndarray,
+    pooled_prompt_embeds: np.ndarray,
+    clip_text: np.ndarray,
+) -> pa.Table:
+    """Rows of the texts table from stacked arrays ([N, 77, D], [N, P] with P = 0 for SD1.5, [N, E])."""
+    prompt, prompt_shape = tensor_column(list(prompt_embeds), np.float16)
+    pooled, _ = tensor_column(list(pooled_prompt_embeds), np.float16)
+    clip, _ = tensor_column(list(clip_text), np.float32)
+    keys, texts = pa.array(caption_hashes, pa.string()), pa.array(captions, pa.string())
+    return pa.Table.from_arrays([keys, texts, prompt, prompt_shape, pooled, clip], schema=TEXTS_SCHEMA)
+
+
+def images_rows(
+    image_hashes: Sequence[str],
+    latents: Sequence[np.ndarray | None],
+    clip_image: Sequence[np.ndarray | None],
+    original_sizes: Sequence[tuple[int, int]],
+    crops_top_left: Sequence[tuple[int, int]],
+    add_time_ids: Sequence[Sequence[int] | None],
+    reasons: Sequence[str],
+    details: Sequence[str],
+) -> pa.Table:
+    """Rows of the images table plus ``reason``/``detail``; a bad row (reason != "") has null features."""
+    latent_values, latent_shapes = tensor_column(latents, np.float16)
+    clip, _ = tensor_column(clip_image, np.float32)
+    time_ids, _ = tensor_column([None if t is None else np.asarray(t) for t in add_time_ids], np.float32)
+    columns = [
+        pa.array(image_hashes, pa.string()),
+        latent_values,
+        latent_shapes,
+        clip,
+        pa.array([size[0] for size in original_sizes], pa.int32()),
+        pa.array([size[1] for size in original_sizes], pa.int32()),
+        pa.array([crop[0] for crop in crops_top_left], pa.int32()),
+        pa.array([crop[1] for crop in crops_top_left], pa.int32()),
+        time_ids,
+        pa.array(reasons, pa.string()),
+        pa.array(details, pa.string()),
+    ]
+    schema = IMAGES_SCHEMA.append(pa.field("reason", pa.string())).append(pa.field("detail", pa.string()))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+
+def flatten_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten_settings(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flatten_settings(settings).items() if k not in INFORMATIONAL_SETTINGS}
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """Short stable hash of what makes two stores interchangeable (names the sibling store)."""
+    text = json.dumps(comparable_settings(settings), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def sibling_store_uri(store_uri: str, settings: dict[str, Any]) -> str:
+    return f"{store_uri.rstrip('/')}-{settings_hash(settings)}"
+
+
+def settings_differences(manifest: dict[str, Any], settings: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, wanted value) for every setting that differs."""
+    stored = comparable_settings({key: manifest.get(key) for key in settings})
+    wanted = comparable_settings(settings)
+    keys = sorted(set(stored) | set(wanted))
+    return [(k, stored.get(k), wanted.get(k)) for k in keys if stored.get(k) != wanted.get(k)]
+
+
+def check_settings(manifest: dict[str, Any], settings: dict[str, Any], store_uri: str) -> None:
+    """Raise StoreMismatchError naming each differing key with both values, and the two ways out."""
+    differences = settings_differences(manifest, settings)
+    if not differences:
+        return
+    listed = "; ".join(f"{key}: store has {old!r}, this run has {new!r}" for key, old, new in differences)
+    raise StoreMismatchError(
+        f"feature store {store_uri} was made with other models or settings ({listed}). A store never mixes "
+        f"settings. Either set precompute.on_mismatch=new_store (this run then writes to "
+        f"{sibling_store_uri(store_uri, settings)}) or point precompute.store at a different store URI."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
+    """An empty store's manifest: the settings at the top level (``manifest["model"]["kind"]``), no shards."""
+    manifest = {"format_version": FORMAT_VERSION, **settings, "tables": {name: [] for name in TABLE_SCHEMAS}}
+    manifest["counts"] = manifest_counts(manifest)
+    return manifest
+
+
+def add_shards(manifest: dict[str, Any], table: str, shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A copy of ``manifest`` with ``shards`` (entries from ``FeatureStore.write_shard``) listed and counts updated."""
+    updated = json.loads(json.dumps(manifest))
+    updated["tables"][table].extend(shards)
+    updated["counts"] = manifest_counts(updated)
+    return updated
+
+
+def manifest_counts(manifest: dict[str, Any]) -> dict[str, int]:
+    tables = manifest["tables"]
+    counts = {name: sum(shard["rows"] for shard in tables[name]) for name in TABLE_SCHEMAS}
+    for split in SPLITS:
+        counts[split] = sum(shard.get("splits", {}).get(split, 0) for shard in tables["pairs"])
+    return counts
+
+
+def assign_split(pair_id: str, holdout_fraction: float) -> str:
+    """"holdout" for a fixed share of pairs by hash of pair_id: a pair lands in the same split in every run."""
+    draw = int(hashlib.sha256(f"split:{pair_id}".encode()).hexdigest()[:16], 16) / 2**64
+    return "holdout" if draw < holdout_fraction else "train"
+
+
+def committed_pair_ids(manifest: dict[str, Any]) -> set[str]:
+    return {pid for shard in manifest["tables"]["pairs"] for pid in shard["pair_ids"]}
+
+
+# ------------------------------------------------------------------------------------------------- store
+
+
+class FeatureStore:
+    """One store at ``uri``: shard writes, manifest commits, reads of committed shards."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = filesystem(uri)
+
+    def _path(self, relative: str) -> str:
+        return f"{self.root.rstrip('/')}/{relative}"
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        manifest_uri = join_uri(self.uri, MANIFEST_NAME)
+        if self.fs.get_file_info(self._path(MANIFEST_NAME)).type == pafs.FileType.NotFound:
+            return None
+        try:
+            manifest = json.loads(read_text(manifest_uri))
+        except ValueError as err:
+            raise ValueError(f"{manifest_uri} is not valid JSON ({err}); the store is damaged, rebuild it") from err
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{manifest_uri} has format_version {manifest.get('format_version')!r}, this code reads "
+                f"{FORMAT_VERSION}; rebuild the store or point precompute.store elsewhere"
+            )
+        return manifest
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        """Make ``manifest`` (and so every shard it lists) visible to readers, all at once."""
+        manifest = dict(manifest, updated_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
+        write_text(join_uri(self.uri, MANIFEST_NAME), json.dumps(manifest, indent=1))
+
+    def write_shard(self, table: str, rows: pa.Table) -> dict[str, Any]:
+        """Write ``rows`` as one new shard of ``table``; returns its manifest entry. Not visible until committed."""
+        rows = rows.select(TABLE_SCHEMAS[table].names).cast(TABLE_SCHEMAS[table])
+        relative = f"{table}/part-{uuid.uuid4().hex}.parquet"
+        final = self._path(relative)
+        self.fs.create_dir(self._path(table), recursive=True)
+        if is_local(self.uri):
+            temp = self._path(f"{table}/.tmp-{uuid.uuid4().hex}.parquet")
+            pq.write_table(rows, temp, filesystem=self.fs)
+            self.fs.move(temp, final)  # rename: atomic on one local filesystem
+        else:
+            pq.write_table(rows, final, filesystem=self.fs)  # an object appears only once its upload completes
+        entry: dict[str, Any] = {"path": relative, "rows": rows.num_rows}
+        if table == "pairs":
+            entry["pair_ids"] = rows.column("pair_id").to_pylist()
+            splits = rows.column("split").to_pylist()
+            entry["splits"] = {split: splits.count(split) for split in SPLITS}
+        return entry
+
+    def shard_paths(self, manifest: dict[str, Any], table: str) -> list[str]:
+        """Filesystem paths (for ``self.fs``) of the committed shards of ``table``."""
+        return [self._path(shard["path"]) for shard in manifest["tables"][table]]
+
+    def read_table(
+        self,
+        manifest: dict[str, Any],
+        table: str,
+        *,
+        columns: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """The committed rows of ``table`` (optionally only some columns, only rows whose key is in ``keys``)."""
+        schema = TABLE_SCHEMAS[table]
+        parts = []
+        row_filter = pc.field(TABLE_KEYS[table]).isin(list(keys)) if keys is not None else None
+        for path in self.shard_paths(manifest, table):
+            parts.append(pq.read_table(path, filesystem=self.fs, columns=columns, filters=row_filter))
+        if not parts:
+            wanted = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+            return wanted.empty_table()
+        return pa.concat_tables(parts)
+
+    def keys(self, manifest: dict[str, Any], table: str) -> set[str]:
+        key = TABLE_KEYS[table]
+        return set(self.read_table(manifest, table, columns=[key]).column(key).to_pylist())
+
+    def remove_orphans(self, manifest: dict[str, Any]) -> list[str]:
+        """Delete files in the table folders that the manifest does not list (left by a crashed run)."""
+        listed = {shard["path"] for shards in manifest["tables"].values() for shard in shards}
+        root = self.root.rstrip("/")
+        removed = []
+        for info in self.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True)):
+            relative = info.path[len(root) + 1:]
+            in_table_folder = relative.split("/")[0] in TABLE_SCHEMAS and "/" in relative
+            if info.type == pafs.FileType.File and in_table_folder and relative not in listed:
+                self.fs.delete_file(info.path)
+                removed.append(relative)
+        return sorted(removed)
+
+
+def write_shard_batch(batch: pa.Table, *, store_uri: str, table: str) -> pa.Table:
+    """Ray Data stage: write one batch of encoder output as one shard; return one small record per input row.
+
+    Rows with a non-empty ``reason`` (found bad while decoding) are not written. Records: ``key``, ``shard`` (the
+    relative shard path, "" for a bad row), ``shard_rows``, ``reason``, ``detail``; the driver commits shards from them.
+    """
+    empty = pa.array([""] * batch.num_rows, type=pa.string())
+    reasons = pc.fill_null(batch.column("reason"), "") if "reason" in batch.column_names else empty
+    details = pc.fill_null(batch.column("detail"), "") if "detail" in batch.column_names else empty
+    good = pc.equal(reasons, "")
+    good_rows = batch.filter(good)
+    shard = FeatureStore(store_uri).write_shard(table, good_rows)["path"] if good_rows.num_rows else ""
+    return pa.table(
+        {
+            "key": batch.column(TABLE_KEYS[table]),
+            "shard": pc.if_else(good, shard, ""),
+            "shard_rows": pa.array([good_rows.num_rows] * batch.num_rows, pa.int64()),
+            "reason": reasons,
+            "detail": details,
+        }
+    )
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(store_uri: str) -> dict[str, Any]:
+    manifest = FeatureStore(store_uri).read_manifest()
+    if manifest is None:
+        raise FileNotFoundError(
+            f"no feature store at {store_uri} ({MANIFEST_NAME} is missing); make one with "
+            f"`python jobs/precompute.py --config <your config>` or set precompute.store to an existing store"
+        )
+    return manifest
+
+
+def load_empty_prompt(store_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_embeds [77, D] float16, pooled [P] float16) of the empty caption, for training's prompt dropout."""
+    from pipeline.data.schema import caption_hash
+
+    store = FeatureStore(store_uri)
+    texts = store.read_table(read_manifest(store_uri), "texts", keys=[caption_hash("")])
+    if texts.num_rows == 0:
+        raise ValueError(f"feature store {store_uri} holds no embedding of the empty caption; re-run precompute on it")
+    prompt = stacked_tensors(texts.column("prompt_embeds"), texts.column("prompt_embeds_shape").to_pylist())[0]
+    pooled = stacked_tensors(texts.column("pooled_prompt_embeds"))[0]
+    return prompt, pooled
+
+
+class PairFeatureJoin:
+    """Ray Data stage of ``read_training_dataset``: turn pair rows into logical training rows.
+
+    Each actor reads, once, the texts and images that the split's pairs refer to (with pyarrow, straight from
+    the committed shards) into memory, then answers every batch with array lookups. Scaling trade-off: the actor
+    holds the split's features in memory (an SDXL latent is ~130 KB, a caption's embeddings ~320 KB: 10^4 SDXL
+    pairs are ~6 GB; 10^5 tiny-model pairs fit easily). Beyond that, ``Dataset.join`` (a distributed hash
+    shuffle) is the scalable route. It is not used because Ray 2.60's join needs the ``polars`` package, which this
+    environment lacks (the join fails with ImportError), and its aggregator actors would compete with the training
+    workers for a small node's CPUs; this lookup needs one actor at a quarter CPU.
+    """
+
+    def __init__(self, store_uri: str, split: str):
+        store = FeatureStore(store_uri)
+        manifest = read_manifest(store_uri)
+        self.split = split
+        pairs = store.read_table(manifest, "pairs", columns=["caption_hash", "image_w_hash", "image_l_hash", "split"])
+        pairs = pairs.filter(pc.equal(pairs.column("split"), split))
+        image_keys = set(pairs.column("image_w_hash").to_pylist()) | set(pairs.column("image_l_hash").to_pylist())
+        text_keys = set(pairs.column("caption_hash").to_pylist())
+        images = store.read_table(manifest, "images", keys=sorted(image_keys))
+        texts = store.read_table(manifest, "texts", keys=sorted(text_keys))
+        self.image_index = {h: i for i, h in enumerate(images.column("image_hash").to_pylist())}
+        self.text_index = {h: i for i, h in enumerate(texts.column("caption_hash").to_pylist())}
+        self.latents = stacked_tensors(images.column("latents"), images.column("latent_shape").to_pylist())
+        self.clip_image = stacked_tensors(images.column("clip_image"))
+        self.add_time_ids = stacked_tensors(images.column("add_time_ids"))
+        prompt_shapes = texts.column("prompt_embeds_shape").to_pylist()
+        self.prompt_embeds = stacked_tensors(texts.column("prompt_embeds"), prompt_shapes)
+        self.pooled = stacked_tensors(texts.column("pooled_prompt_embeds"))
+        self.clip_text = stacked_tensors(texts.column("clip_text"))
+
+    def _rows(self, index: dict[str, int], hashes: np.ndarray, what: str) -> np.ndarray:
+        try:
+            return np.array([index[h] for h in hashes], dtype=np.int64)
+        except KeyError as err:
+            raise KeyError(f"a committed pair refers to {what} {err.args[0]} that the store does not hold") from err
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = batch["split"] == self.split
+        w = self._rows(self.image_index, batch["image_w_hash"][keep], "image")
+        l_ = self._rows(self.image_index, batch["image_l_hash"][keep], "image")
+        t = self._rows(self.text_index, batch["caption_hash"][keep], "caption")
+        return {
+            "pair_id": batch["pair_id"][keep],
+            "latents_w": self.latents[w],
+            "latents_l": self.latents[l_],
+            "prompt_embeds": self.prompt_embeds[t],
+            "pooled_prompt_embeds": self.pooled[t],
+            "add_time_ids_w": self.add_time_ids[w],
+            "add_time_ids_l": self.add_time_ids[l_],
+            "clip_text": self.clip_text[t],
+            "clip_image_w": self.clip_image[w],
+            "clip_image_l": self.clip_image[l_],
+        }
+
+
+def read_training_dataset(store_uri: str, *, split: str = "train"):
+    """A ``ray.data.Dataset`` of the logical training rows of ``split`` ("train" or "holdout").
+
+    Rows: ``pair_id`` str; ``latents_w``, ``latents_l`` float16 [C, h, w]; ``prompt_embeds`` float16 [77, D];
+    ``pooled_prompt_embeds`` float16 [P] (zero-length for SD1.5); ``add_time_ids_w``, ``add_time_ids_l`` float32
+    [6] (per image: winner and loser may differ in original size and crop, an improvement on DESIGN's single
+    ``add_time_ids``); ``clip_text``, ``clip_image_w``, ``clip_image_l`` float32 [E].
+
+    Only shards listed in the manifest are read. The stages ask for a quarter CPU each so the dataset streams
+    beside Ray Train workers on a 2-CPU node (two workers of 0.5 CPU) instead of waiting for a whole core.
+    """
+    import ray
+
+    store_uri = absolute(store_uri)  # Ray workers do not share the driver's working directory
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
+    store = FeatureStore(store_uri)
+    manifest = read_manifest(store_uri)
+    columns = ["pair_id", "caption_hash", "image_w_hash", "image_l_hash", "split"]
+    # The pair table is only ids and hashes (~300 bytes a pair), so the driver reads it, filtered to the split and
+    # in manifest order, and hands it to Ray Data as blocks. Ray 2.60's read_parquet runs a 1-CPU file-listing task
+    # that cannot be scheduled beside Ray Train workers on a small node; the heavy features are read by the actors.
+    pairs = store.read_table(manifest, "pairs", columns=columns)
+    pairs = pairs.filter(pc.equal(pairs.column("split"), split))
+    if pairs.num_rows == 0:
+        return ray.data.from_items([])  # a store with no pairs in this split: an empty dataset, not an error
+    blocks = [pairs.slice(start, PAIR_BLOCK_ROWS) for start in range(0, pairs.num_rows, PAIR_BLOCK_ROWS)]
+    return ray.data.from_arrow(blocks).map_batches(
+        PairFeatureJoin,
+        fn_constructor_kwargs={"store_uri": store_uri, "split": split},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_format="numpy",
+        num_cpus=0.25,
+    )
