@@ -98,11 +98,14 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
-    log_every: int = 1
+    log_every: int = 5  # each log line is a ray.train.report: a barrier through Ray Train's controller
     max_failures: int = 0
     num_workers: int = 1
     use_gpu: bool = False
     worker_num_cpus: float = 1.0
+    # Stores with at most this many training pairs are read once into Ray's object store, so later epochs do not
+    # re-run the reader; bigger ones stream from the store every epoch.
+    materialize_max_pairs: int = 4096
 
 
 @dataclass
@@ -290,6 +293,7 @@ def validate(cfg: AlignConfig) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
     need(t.num_workers >= 1, "train.num_workers", t.num_workers, "an integer >= 1")
     need(t.lora_rank >= 1, "train.lora_rank", t.lora_rank, "an integer >= 1")
+    need(t.materialize_max_pairs >= 0, "train.materialize_max_pairs", t.materialize_max_pairs, "an integer >= 0")
     need(t.worker_num_cpus > 0, "train.worker_num_cpus", t.worker_num_cpus, "> 0")
     if t.offload_optimizer and t.optimizer == "adafactor":
         raise ConfigError(

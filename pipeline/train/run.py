@@ -55,6 +55,8 @@ def run_training(cfg: AlignConfig) -> TrainResult:
 
     manifest = read_manifest(cfg.store_uri)
     train = read_training_dataset(cfg.store_uri, split="train")
+    if manifest["counts"]["train"] <= cfg.train.materialize_max_pairs:
+        train = train.materialize()
     plan = WorkerPlan(
         model_path=resolve_model_path(cfg),
         kind=manifest["model"]["kind"],

@@ -322,7 +322,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step, window_steps = step_now + 1, window_steps + 1
             checkpoint_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
             if step % cfg.train.log_every == 0 or checkpoint_now:
-                elapsed = time.perf_counter() - tick
+                now = time.perf_counter()
+                elapsed = now - tick  # since the last log line, so it includes that line's report
                 grad_norm = engine.get_global_grad_norm()
                 logged = _mean_across_ranks({k: v / window_steps for k, v in sums.items()})
                 logged.update(
@@ -340,7 +341,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     save_and_report(engine, logged, step=step, lora=cfg.train.mode == "lora")
                 else:
                     ray.train.report(logged)
-                sums, window_steps, tick = {}, 0, time.perf_counter()
+                sums, window_steps, tick = {}, 0, now
             if step >= cfg.train.max_steps:
                 break
 

@@ -30,6 +30,7 @@ class ToyStore:
             "train.num_workers=2",
             "train.worker_num_cpus=0.5",
             "train.batch_size_per_worker=2",
+            "train.log_every=1",
             "train.lr=1e-4",
             "loss.beta=500",
             *overrides,
