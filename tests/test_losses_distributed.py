@@ -53,7 +53,7 @@ def rank_main(rank: int, store_path: str, out_dir: str) -> None:
 
 def test_global_rpo_on_two_ranks_equals_one_process_on_the_concatenated_batch(tmp_path):
     mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
     mses, embeddings = global_batch()
     mses = [m.clone().requires_grad_() for m in mses]
