@@ -8,7 +8,6 @@ leaves the previous one as the latest. Restore: Ray gives each (re)started worke
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import torch

@@ -47,7 +47,6 @@ def holdout_sample(cfg: AlignConfig, manifest: dict[str, Any]):
 
 
 def run_training(cfg: AlignConfig) -> TrainResult:
-    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
