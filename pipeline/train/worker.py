@@ -213,6 +213,8 @@ def holdout_metrics(engine, reference, reference_mode, scheduler, cfg: AlignConf
     """
     from pipeline import losses
 
+    if rows is None:  # no held-apart pairs in the store, or evaluate.holdout_pairs=0
+        return {}
     device = engine.device
     wins, margins, count = 0.0, 0.0, 0
     engine.eval()
@@ -279,9 +281,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         empty = (torch.as_tensor(prompt).to(device), torch.as_tensor(pooled).to(device) if sdxl else None)
 
     holdout = ray.get(plan.holdout) if plan.holdout is not None else None
-    evaluate = lambda: holdout_metrics(  # noqa: E731
-        engine, reference, reference_mode, scheduler, cfg, holdout, sdxl=sdxl, dtype=dtype
-    ) if holdout is not None else {}
+
+    def evaluate() -> dict:
+        return holdout_metrics(engine, reference, reference_mode, scheduler, cfg, holdout, sdxl=sdxl, dtype=dtype)
+
     start_holdout = evaluate() if step == 0 else {}
     if rank == 0 and start_holdout:
         print(f"[train] step 0 holdout: {_fmt(start_holdout)}", flush=True)
