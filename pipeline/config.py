@@ -49,6 +49,10 @@ class ModelConfig:
     kind: Literal["auto", "sdxl", "sd15"] = "auto"
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16"
+    # For "tiny" only: steps fitting its UNet to the toy world (all styles alike) before anything uses it, so the
+    # embedded default aligns a base model that denoises its world, as SDXL does; 0 keeps random weights (fast
+    # tests of the mechanics; preference training then cannot learn, see pipeline/models/toy_fit.py).
+    tiny_fit_steps: int = 400
     # OpenCLIP model for the similarity weights: "tiny" (random weights, offline) or an open_clip model name.
     clip_model: str = "tiny"
     clip_pretrained: str | None = None  # an open_clip tag or a local weights file
@@ -267,6 +271,7 @@ def validate(cfg: AlignConfig) -> None:
             raise ConfigError(f"config key '{key}': {value!r} is not allowed; accepted: {accepted}")
 
     need(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name, "a non-empty name without '/'")
+    need(cfg.model.tiny_fit_steps >= 0, "model.tiny_fit_steps", cfg.model.tiny_fit_steps, "an integer >= 0")
     need(cfg.data.toy_pairs >= 2, "data.toy_pairs", cfg.data.toy_pairs, "an integer >= 2")
     need(cfg.data.toy_resolution >= 16, "data.toy_resolution", cfg.data.toy_resolution, "an integer >= 16")
     need(cfg.data.max_aspect_ratio >= 1.0, "data.max_aspect_ratio", cfg.data.max_aspect_ratio, "a number >= 1")

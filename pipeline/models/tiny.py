@@ -53,14 +53,29 @@ NOISE_SCHEDULE = dict(
 )
 
 
-def build_tiny_sdxl(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Write a tiny SDXL-shaped `StableDiffusionXLPipeline` folder to `out_dir` (returned as is if complete)."""
-    return _build_once(Path(out_dir), lambda tmp: _save_tiny_sdxl(tmp, seed))
+def build_tiny_sdxl(out_dir: str | os.PathLike, *, seed: int = 0, toy_fit_steps: int = 0, toy_fit_resolution: int = 64) -> Path:
+    """Write a tiny SDXL-shaped `StableDiffusionXLPipeline` folder to `out_dir` (returned as is if complete).
+
+    With `toy_fit_steps` > 0 the UNet is then fitted to the toy world at `toy_fit_resolution` (see toy_fit.py)
+    before the folder appears, so a half-fitted model is never used."""
+    return _build_once(Path(out_dir), lambda tmp: (
+        _save_tiny_sdxl(tmp, seed), _fit(tmp, "sdxl", toy_fit_steps, toy_fit_resolution, seed)
+    ))
 
 
-def build_tiny_sd15(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Write a tiny SD1.5-shaped `StableDiffusionPipeline` folder to `out_dir` (returned as is if complete)."""
-    return _build_once(Path(out_dir), lambda tmp: _save_tiny_sd15(tmp, seed))
+def build_tiny_sd15(out_dir: str | os.PathLike, *, seed: int = 0, toy_fit_steps: int = 0, toy_fit_resolution: int = 64) -> Path:
+    """Write a tiny SD1.5-shaped `StableDiffusionPipeline` folder to `out_dir` (returned as is if complete); the
+    toy fit as for `build_tiny_sdxl`."""
+    return _build_once(Path(out_dir), lambda tmp: (
+        _save_tiny_sd15(tmp, seed), _fit(tmp, "sd15", toy_fit_steps, toy_fit_resolution, seed)
+    ))
+
+
+def _fit(folder: Path, kind: str, steps: int, resolution: int, seed: int) -> None:
+    if steps > 0:
+        from pipeline.models.toy_fit import fit_unet_to_toy_world
+
+        fit_unet_to_toy_world(folder, kind=kind, steps=steps, resolution=resolution, seed=seed)
 
 
 def _build_once(out_dir: Path, save) -> Path:
