@@ -71,23 +71,27 @@ def local_run_dir(cfg: AlignConfig) -> Path:
     return Path(tempfile.gettempdir()) / "rpo-pipeline" / cfg.name
 
 
+def tiny_model_dir(cfg: AlignConfig) -> Path:
+    """Where "tiny" is built. The name carries the fit settings, so another setting builds another model and never
+    reuses a stale one."""
+    steps = cfg.model.tiny_fit_steps
+    fit = f"_fit{steps}x{cfg.precompute.resolution}" if steps else ""
+    kind = "_sd15" if cfg.model.kind == "sd15" else ""
+    return local_run_dir(cfg) / f"tiny_model{kind}{fit}"
+
+
 def resolve_model_path(cfg: AlignConfig) -> str:
     """The diffusers pipeline to load: "tiny" is built (once, seeded, its UNet fitted to the toy world for
-    model.tiny_fit_steps) under the run folder; a local folder is made
-    absolute (Ray workers do not share the driver's working directory); a hub id is returned as is."""
+    model.tiny_fit_steps) under the run folder; a local folder is made absolute (Ray workers do not share the
+    driver's working directory); a hub id is returned as is."""
     if cfg.model.pretrained != "tiny":
         local = Path(cfg.model.pretrained).expanduser()
         return str(local.resolve()) if local.exists() else cfg.model.pretrained
     from pipeline.models.tiny import build_tiny_sd15, build_tiny_sdxl
 
-    steps, resolution = cfg.model.tiny_fit_steps, cfg.precompute.resolution
-    # The folder name carries the fit settings: another setting builds another model, never reuses a stale one.
-    fit = f"_fit{steps}x{resolution}" if steps else ""
-    if cfg.model.kind == "sd15":
-        return str(build_tiny_sd15(
-            local_run_dir(cfg) / f"tiny_model_sd15{fit}", toy_fit_steps=steps, toy_fit_resolution=resolution
-        ))
-    return str(build_tiny_sdxl(local_run_dir(cfg) / f"tiny_model{fit}", toy_fit_steps=steps, toy_fit_resolution=resolution))
+    build = build_tiny_sd15 if cfg.model.kind == "sd15" else build_tiny_sdxl
+    return str(build(tiny_model_dir(cfg), toy_fit_steps=cfg.model.tiny_fit_steps,
+                     toy_fit_resolution=cfg.precompute.resolution))
 
 
 def resolve_data_source(cfg: AlignConfig) -> str:
