@@ -5,6 +5,13 @@ Run from the repository root:
     .venv/bin/python bench/train_step.py                        # CPU: 64 px images (8x8 latents), ~1-2 min
     python3 bench/train_step.py --resolution 512                # a GPU: 512 px (64x64 latents), bf16
     python3 bench/train_step.py --resolution 512 --batch 8
+    python3 bench/train_step.py --unet sdxl --resolution 1024 --batch 1 --out /tmp/sdxl.json   # a big GPU
+
+`--unet sd15|sdxl` times a UNet of the real model's size and shape (random weights: timing only; SDXL's is 2.6B
+parameters and wants ~100 GB of GPU memory with its optimizer state) on synthetic rows of the real embedding
+shapes, one process only (the two-worker part needs two GPUs for such a model, and encoding in the loop needs the
+real encoders). That answers the step-vs-bare-UNet goal where it matters: at the tiny model's size every step is
+dominated by fixed per-step costs (kernel launches, DeepSpeed's step), which a real UNet's work dwarfs.
 
 The GPU commands need the repository on PYTHONPATH and torch, diffusers, deepspeed, transformers, open_clip_torch,
 pyarrow and pyyaml; Ray only where the rows are not cached yet (step 1).
@@ -97,6 +104,7 @@ def bench_config(args: argparse.Namespace, *overrides: str):
     return load_config(None, [
         f"name={run_name(args)}",
         f"cluster.storage_path={WORK}",
+        "model.tiny_fit_steps=0",  # timing only: random weights do the same work
         f"data.toy_pairs={4 * args.batch + 4}",
         f"data.toy_resolution={args.resolution}",
         "data.holdout_fraction=0.0",  # every pair in the train split
@@ -176,6 +184,66 @@ def read_kind(store_uri: str) -> str:
     from pipeline.precompute import read_manifest
 
     return read_manifest(store_uri)["model"]["kind"]
+
+
+# Diffusers UNet configs of the real models' shapes (SD1.5: runwayml/stable-diffusion-v1-5; SDXL: base 1.0).
+FULL_UNETS: dict[str, dict[str, Any]] = {
+    "sd15": dict(
+        cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sdxl": dict(
+        cross_attention_dim=2048, block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ),
+}
+PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def full_size_model(args: argparse.Namespace, tiny_model_path: str) -> str:
+    """A pipeline folder with a full-size random UNet (and the tiny model's DDPM schedule), built on the device."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = WORK / f"full-{args.unet}"
+    if (folder / "unet" / "config.json").exists():
+        return str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(Path(tiny_model_path) / "scheduler", folder / "scheduler", dirs_exist_ok=True)
+    index = {"_class_name": PIPELINE_CLASS[args.unet], "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with torch.device(args.device):  # random init of 10^9 parameters takes minutes on a CPU, seconds on a GPU
+        unet = UNet2DConditionModel(sample_size=args.resolution // 8, **FULL_UNETS[args.unet])
+    unet.to(torch.bfloat16).save_pretrained(folder / "unet")
+    del unet
+    return str(folder)
+
+
+def synthetic_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """Rows of the real models' embedding shapes (SD1.5: text 768; SDXL: text 2048, pooled 1280), random values."""
+    n, res, sdxl = WORKERS * args.batch, args.resolution, args.unet == "sdxl"
+    rng = np.random.default_rng(0)
+
+    def normal(*shape: int, dtype=np.float16) -> np.ndarray:
+        return rng.standard_normal((n, *shape)).astype(dtype)
+
+    time_ids = np.tile(np.array([res, res, 0, 0, res, res], dtype=np.float32), (n, 1))
+    rows = {
+        "pair_id": np.array([f"synthetic-{i}" for i in range(n)]),
+        "latents_w": normal(4, res // 8, res // 8), "latents_l": normal(4, res // 8, res // 8),
+        "prompt_embeds": normal(77, FULL_UNETS[args.unet]["cross_attention_dim"]),
+        "pooled_prompt_embeds": normal(1280) if sdxl else normal(0),
+        "add_time_ids_w": time_ids, "add_time_ids_l": time_ids.copy(),
+        "clip_text": normal(1024, dtype=np.float32), "clip_image_w": normal(1024, dtype=np.float32),
+        "clip_image_l": normal(1024, dtype=np.float32),
+    }
+    return {"rows": rows, "raw": None, "kind": args.unet}
 
 
 def rows_of_rank(rows: dict[str, np.ndarray], rank: int, batch: int) -> dict[str, np.ndarray]:
@@ -334,8 +402,7 @@ def time_one_process(args: argparse.Namespace, data: dict[str, Any], model_path:
         trainer = make_trainer(cfg, model_path, data["kind"], device)
         plain_unet = load_components(model_path, kind=data["kind"], parts=("unet",), dtype=trainer.dtype,
                                      device=trainer.device).unet
-        encoder = InLoopEncoder(cfg, model_path, data["kind"], trainer.device)
-        rows, raw = rows_of_rank(data["rows"], 0, args.batch), {k: v[: args.batch] for k, v in data["raw"].items()}
+        rows = rows_of_rank(data["rows"], 0, args.batch)
         dpo = dataclasses.replace(cfg.loss, objective="dpo")
         dev = trainer.device
 
@@ -346,8 +413,11 @@ def time_one_process(args: argparse.Namespace, data: dict[str, Any], model_path:
             "bare": lambda step: bare_unet_work(trainer, plain_unet, rows, step),
             "store_read": lambda step: {"store_read": timed(
                 dev, lambda: to_pair_batch(rows, sdxl=trainer.sdxl, device=dev, dtype=trainer.dtype))[1]},
-            "encode_in_loop": lambda step: {"encode_in_loop": timed(dev, lambda: encoder(raw))[1]},
         }
+        if data["raw"] is not None:  # the tiny model's own encoders and the toy images (not for --unet sd15/sdxl)
+            encoder = InLoopEncoder(cfg, model_path, data["kind"], trainer.device)
+            raw = {k: v[: args.batch] for k, v in data["raw"].items()}
+            runs["encode_in_loop"] = lambda step: {"encode_in_loop": timed(dev, lambda: encoder(raw))[1]}
         samples: dict[str, list[float]] = {}
         for step in range(WARMUP + args.repeats):
             # Every kind of work once per repeat, in alternating order, so a busy machine slows all of them alike.
@@ -359,6 +429,7 @@ def time_one_process(args: argparse.Namespace, data: dict[str, Any], model_path:
         result["bare_unet_work"] = result["bare_policy_forward_backward"] + result["bare_reference_forward"]
         result["unet_parameters"] = sum(p.numel() for p in plain_unet.parameters())
         result["latent_shape"] = list(rows["latents_w"].shape[1:])
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         result["precision"] = str(trainer.dtype).removeprefix("torch.")
         return result
     finally:
@@ -500,16 +571,35 @@ def print_table(one: dict[str, Any], two: dict[int, list[dict[str, Any]]], goals
         ("  policy forward+backward", one["bare_policy_forward_backward"]),
         ("  reference forward", one["bare_reference_forward"]),
         ("batch from the feature store (to_pair_batch)", one["store_read"]),
-        ("batch encoded in the loop (decode, VAE, text encoders, CLIP)", one["encode_in_loop"]),
-        ("RPO loss fwd+bwd at 2 workers, global batch (rank 0)", two[2][0]["rpo_loss_global"]),
-        ("RPO loss fwd+bwd at 2 workers, local batch (rank 0)", two[2][0]["rpo_loss_local"]),
     ]
-    for stage in (2, 3):
-        lines.append((f"whole RPO step at 2 workers, ZeRO-{stage} (rank 0)", two[stage][0]["step_ms"]))
+    if "encode_in_loop" in one:
+        lines.append(("batch encoded in the loop (decode, VAE, text encoders, CLIP)", one["encode_in_loop"]))
+    if two:
+        lines += [
+            ("RPO loss fwd+bwd at 2 workers, global batch (rank 0)", two[2][0]["rpo_loss_global"]),
+            ("RPO loss fwd+bwd at 2 workers, local batch (rank 0)", two[2][0]["rpo_loss_local"]),
+            *[(f"whole RPO step at 2 workers, ZeRO-{stage} (rank 0)", two[stage][0]["step_ms"]) for stage in (2, 3)],
+        ]
     print(header)
     width = max(len(label) for label, _ in lines) + 2
     for label, ms in lines:
         print(f"{label:<{width}}" + ("" if ms is None else f"{ms:>10.2f} ms"))
+    if one.get("peak_bytes"):
+        print(f"peak GPU memory of the one-process run (policy, its optimizer, reference, plain UNet): "
+              f"{one['peak_bytes'] / 2**30:.1f} GiB")
+    print_goals(goals)
+    if two:
+        print_two_workers(two)
+
+
+def print_goals(goals: list[dict[str, Any]]) -> None:
+    print("goals (ratios measured in this run):")
+    for g in goals:
+        verdict = "PASS" if g["pass"] else f"MISS (over by {g['margin']:.3f})"
+        print(f"  {g['name']:<48} {g['value']:>8.3f}  goal <= {g['goal_at_most']:<5} {verdict}")
+
+
+def print_two_workers(two: dict[int, list[dict[str, Any]]]) -> None:
     measure = two[2][0]["memory"]
     print(f"peak memory per worker at 2 workers ({measure.replace('_', ' ')}):")
     for stage in (2, 3):
@@ -518,10 +608,6 @@ def print_table(one: dict[str, Any], two: dict[int, list[dict[str, Any]]], goals
             for r, w in enumerate(two[stage])
         )
         print(f"  ZeRO-{stage}: {per_rank}")
-    print("goals (ratios measured in this run):")
-    for g in goals:
-        verdict = "PASS" if g["pass"] else f"MISS (over by {g['margin']:.3f})"
-        print(f"  {g['name']:<48} {g['value']:>8.3f}  goal <= {g['goal_at_most']:<5} {verdict}")
     gather_ms = two[2][0]["rpo_loss_global"] - two[2][0]["rpo_loss_local"]
     print(f"  {'(no goal) gather share of the 2-worker ZeRO-2 step':<48} {gather_ms / two[2][0]['step_ms']:>8.3f}")
 
@@ -532,6 +618,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64, help="image pixels; latents are resolution / 8")
     parser.add_argument("--batch", type=int, default=2, help="pairs per worker")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--unet", choices=["tiny", "sd15", "sdxl"], default="tiny",
+                        help="tiny: the toy store's model; sd15/sdxl: a random UNet of that size on synthetic rows")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON result goes")
     args = parser.parse_args()
     set_environment(args.device)
     if args.device == "cpu":
@@ -540,19 +629,27 @@ def main() -> None:
         torch.set_num_threads(1)
     started = time.perf_counter()
 
-    data = load_rows(args)
-    from pipeline.precompute import resolve_model_path
+    if args.unet == "tiny":
+        data = load_rows(args)
+        from pipeline.precompute import resolve_model_path
 
-    model_path = resolve_model_path(bench_config(args))  # built by precompute; returned as is
+        model_path = resolve_model_path(bench_config(args))  # built by precompute; returned as is
+    else:  # no Ray, no store: a tiny pipeline only lends its DDPM schedule
+        from pipeline.models.tiny import build_tiny_sdxl
+
+        data = synthetic_rows(args)
+        model_path = full_size_model(args, str(build_tiny_sdxl(WORK / "tiny-schedule")))
     one = time_one_process(args, data, model_path)
-    two = time_two_workers(args, model_path)
+    two = time_two_workers(args, model_path) if args.unet == "tiny" else {}
 
     goals = [
         goal("RPO step / DPO step", one["step_rpo"] / one["step_dpo"], GOAL_RPO_OVER_DPO),
         goal("RPO step / bare UNet work", one["step_rpo"] / one["bare_unet_work"], GOAL_STEP_OVER_UNET),
-        goal("gather share: (global - local RPO loss) / step",
-             (two[2][0]["rpo_loss_global"] - two[2][0]["rpo_loss_local"]) / one["step_rpo"], GOAL_GATHER_SHARE),
     ]
+    if two:
+        goals.append(goal("gather share: (global - local RPO loss) / step",
+                          (two[2][0]["rpo_loss_global"] - two[2][0]["rpo_loss_local"]) / one["step_rpo"],
+                          GOAL_GATHER_SHARE))
     device = torch.device(args.device)
     import deepspeed
     import diffusers
@@ -565,22 +662,22 @@ def main() -> None:
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "diffusers": diffusers.__version__,
-        "arguments": vars(args),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "warmup": WARMUP,
         "one_process_ms": one,
         "two_workers": {f"zero{stage}": results for stage, results in two.items()},
         "goals": goals,
         "seconds": time.perf_counter() - started,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     header = (
-        f"\ntiny SDXL ({one['unet_parameters'] / 1e6:.2f}M-parameter UNet), {args.resolution} px -> latents "
+        f"\n{args.unet} {data['kind']} UNet ({one['unet_parameters'] / 1e6:.2f}M parameters), {args.resolution} px -> latents "
         f"{one['latent_shape']}, {args.batch} pairs per worker, {one['precision']}, device {report['device_name']} "
         f"({device}), torch {torch.__version__}, {torch.get_num_threads()} torch thread(s); medians of {args.repeats} repeats ({GATHER_REPEATS} for the losses)"
     )
     print_table(one, two, goals, header)
-    print(f"wrote {RESULTS} ({report['seconds']:.0f} s)")
+    print(f"wrote {args.out} ({report['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -85,10 +85,12 @@ def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
                        target_modules=LORA_TARGETS)
         )
     elif cfg.loss.objective != "sft":
-        reference = copy.deepcopy(unet).requires_grad_(False).eval().to(device, dtype)
+        reference = copy.deepcopy(unet).requires_grad_(False).eval()
 
     trainable = [p for p in unet.parameters() if p.requires_grad]
     ds_config = deepspeed_config(cfg.train, precision=precision, num_params=sum(p.numel() for p in unet.parameters()))
+    if reference is not None:
+        reference = frozen_reference(reference, ds_config, device=device, dtype=dtype)
     schedule = lambda step: lr_multiplier(  # noqa: E731
         step, warmup_steps=cfg.train.lr_warmup_steps, total_steps=cfg.train.max_steps, schedule=cfg.train.lr_schedule
     )
@@ -110,6 +112,29 @@ def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
         config=ds_config,
     )
     return engine, reference, scheduler, dtype
+
+
+def frozen_reference(reference: torch.nn.Module, ds_config: dict, *, device: torch.device, dtype: torch.dtype):
+    """The frozen reference UNet in the compute dtype: under ZeRO-3 partitioned across the ranks like the policy
+    (a DeepSpeed engine without optimizer, which gathers each layer's weights for its forward), else a plain copy.
+
+    An SDXL UNet is ~5 GB in bf16; under ZeRO-3 each rank then holds 1/world of it instead of all of it. Every rank
+    must run each reference forward (they already do: the loss needs every rank's rewards).
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return reference.to(device, dtype)
+    import deepspeed
+
+    inference_config = {
+        key: value for key, value in ds_config.items()
+        if key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16",
+                   "steps_per_print", "wall_clock_breakdown")
+    }
+    zero = {k: v for k, v in ds_config["zero_optimization"].items() if k != "offload_optimizer"}  # no optimizer
+    inference_config["zero_optimization"] = zero
+    engine, _, _, _ = deepspeed.initialize(model=reference.to(device), config=inference_config)
+    engine.eval()  # DeepSpeedEngine.eval() returns None, unlike nn.Module.eval()
+    return engine
 
 
 def lora_reference_mode(engine) -> Any:
@@ -316,6 +341,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             engine.backward(loss)
             engine.step()
+            metrics["dropped_prompts"] = d.drop_prompt.float().mean()  # share of pairs trained on the empty prompt
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) / accum
             if micro < accum - 1:
