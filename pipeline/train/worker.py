@@ -51,13 +51,16 @@ def _dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def _optimizer(cfg: AlignConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(cfg: AlignConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=t.lr, scale_parameter=False, relative_step=False, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    # On a GPU, torch's fused AdamW: one kernel over ZeRO's flat fp32 partition instead of a dozen elementwise
+    # passes, which at SDXL's 2.6B parameters are hundreds of milliseconds per step.
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+                             fused=device.type == "cuda")
 
 
 def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
@@ -103,7 +106,8 @@ def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
                        "weight_decay": cfg.train.weight_decay},
         }
     else:
-        optimizer = _optimizer(cfg, trainable)
+        unet.to(device)  # before the optimizer: a fused optimizer checks that its parameters are on the GPU
+        optimizer = _optimizer(cfg, trainable, device)
     engine, _, _, _ = deepspeed.initialize(
         model=unet.to(device),
         model_parameters=trainable,
