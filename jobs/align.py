@@ -22,8 +22,12 @@ def main() -> None:
     print(format_summary(summary))
     cfg.precompute.store = summary["store_uri"]  # precompute.on_mismatch=new_store may have chosen a new store
     result = run_training(cfg)
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+    shown = {k: float(f"{v:.4g}") for k, v in result.metrics.items() if isinstance(v, float)}
     print(f"[align] final metrics: {shown}")
+    if "holdout_accuracy" in result.metrics and "start_holdout_accuracy" in result.metrics:
+        m = result.metrics
+        print(f"[align] held-apart pairs, implicit accuracy {m['start_holdout_accuracy']:.3f} -> "
+              f"{m['holdout_accuracy']:.3f} (reward margin {m['holdout_margin']:+.3f})")
     print(f"[align] model: {result.model_uri}")
 
 

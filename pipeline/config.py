@@ -31,7 +31,7 @@ class DataConfig:
     # "toy" makes the synthetic toy world under <storage>/<name>/toy_world; anything else is a path to a
     # Pick-a-Pic Parquet file/folder or a JSONL file whose image paths are relative to its folder.
     source: str = "toy"
-    toy_pairs: int = 64
+    toy_pairs: int = 256
     toy_resolution: int = 64
     toy_target_style: str = "sketch"
     toy_seed: int = 0
@@ -83,8 +83,8 @@ class TrainConfig:
     mode: Literal["full", "lora"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 8.0
-    max_steps: int = 20
-    batch_size_per_worker: int = 2  # pairs per worker per micro-step
+    max_steps: int = 60
+    batch_size_per_worker: int = 8  # pairs per worker per micro-step
     grad_accum_steps: int = 1
     lr: float = 1e-5
     lr_warmup_steps: int = 0
@@ -100,9 +100,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     prompt_dropout: float = 0.0
     seed: int = 0
-    checkpoint_every: int = 10
+    checkpoint_every: int = 30
     keep_checkpoints: int = 2
-    log_every: int = 5  # each log line is a ray.train.report: a barrier through Ray Train's controller
+    log_every: int = 10  # each log line is a ray.train.report: a barrier through Ray Train's controller
     max_failures: int = 0
     num_workers: int = 1
     use_gpu: bool = False

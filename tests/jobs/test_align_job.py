@@ -20,7 +20,7 @@ def test_align_job_runs_end_to_end_and_resumes(tmp_path):
         "--set", "cluster.ray_address=local",  # its own Ray, whatever else runs on this machine
         "--set", "data.toy_pairs=12", "--set", "data.toy_resolution=32", "--set", "precompute.resolution=32",
         "--set", "model.tiny_fit_steps=10",  # the fit runs, briefly
-        "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1",
+        "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1", "--set", "train.batch_size_per_worker=2",
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
