@@ -15,5 +15,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   # DeepSpeed on CPU JIT-compiles a shared-memory collective on first use (~40 s, cached under
   # ~/.cache/torch_extensions); build it once here instead of inside the first training run.
   DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+  # train.offload_optimizer=true runs DeepSpeed's CPU Adam, another JIT-compiled op (~60 s): build it here too.
+  DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null
 fi
 echo "setup done: .venv/ is ready"

@@ -239,6 +239,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
+        words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+        if isinstance(value, str) and value.lower() in words:
+            return words[value.lower()]
         raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -256,6 +259,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # `name: 2024` means the name "2024"
+            return str(value)
         raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
     raise ConfigError(f"config key '{key}': unsupported type {hint!r}")  # a bug in this module, not user input
 
@@ -333,6 +338,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-6")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 also reads yes/no/on/off as booleans: `--set name=off` means the name "off". Only true/false are
+    # booleans on the command line (bool keys accept yes/no/on/off as words, see _coerce).
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()
     # YAML 1.1 reads "1e-6" as a string; numbers are what a user means there.
     if isinstance(value, str):
         try:

@@ -53,6 +53,15 @@ def test_override_values_are_read_as_yaml():
         parse_override("train.lr")
 
 
+def test_yaml_11_words_stay_words_on_the_command_line():
+    # YAML 1.1 would read these as booleans; a run called "off" or "no" is a name.
+    assert load_config(None, ["name=off"]).name == "off"
+    assert load_config(None, ["name=No"]).name == "No"
+    assert load_config(None, ["name=2024"]).name == "2024"
+    cfg = load_config(None, ["train.gradient_checkpointing=on", "train.use_gpu=no"])
+    assert cfg.train.gradient_checkpointing is True and cfg.train.use_gpu is False
+
+
 def test_missing_or_bad_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
