@@ -140,6 +140,9 @@ class EvaluateConfig:
 class ClusterConfig:
     storage_path: str = "runs"  # local folder or s3:// / gs:// URI; everything of a run lives under it
     ray_address: str | None = None  # None: Ray's own rules (RAY_ADDRESS, a running head, else a local Ray)
+    # MLflow tracking URI (http://mlflow:5000, file:///path, databricks) for training metrics, experiment = name.
+    # None: the MLFLOW_TRACKING_URI environment variable if set, else no MLflow. Needs mlflow (or mlflow-skinny).
+    mlflow_tracking_uri: str | None = None
 
 
 @dataclass

@@ -7,13 +7,14 @@ failed workers from it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import AlignConfig, join_uri
 from pipeline.storage import absolute, write_text
-from pipeline.train.metrics import MetricsLogger
+from pipeline.train.metrics import MetricsLogger, mlflow_tracking_uri
 from pipeline.train.worker import WorkerPlan, train_loop_per_worker
 
 TRAIN_RUN_NAME = "train"
@@ -44,6 +45,19 @@ def holdout_sample(cfg: AlignConfig, manifest: dict[str, Any]):
         return None
     holdout = read_training_dataset(cfg.store_uri, split="holdout")
     return ray.put(holdout.take_batch(cfg.evaluate.holdout_pairs, batch_format="numpy"))
+
+
+def metrics_logger(cfg: AlignConfig, run_uri: str) -> MetricsLogger:
+    """TensorBoard + metrics.jsonl always; MLflow where a tracking URI is configured (or in the environment)."""
+    from pipeline.precompute.store import flatten_settings
+
+    mlflow_uri = mlflow_tracking_uri(cfg.cluster.mlflow_tracking_uri)
+    if mlflow_uri and importlib.util.find_spec("mlflow") is None:
+        raise RuntimeError(
+            f"MLflow tracking URI {mlflow_uri!r} is set (cluster.mlflow_tracking_uri or MLFLOW_TRACKING_URI) but "
+            f"mlflow is not installed: pip install mlflow-skinny, or unset it"
+        )
+    return MetricsLogger(run_uri, mlflow_uri=mlflow_uri, experiment=cfg.name, params=flatten_settings(cfg.to_dict()))
 
 
 def run_training(cfg: AlignConfig) -> TrainResult:
@@ -79,7 +93,7 @@ def run_training(cfg: AlignConfig) -> TrainResult:
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[MetricsLogger(join_uri(storage, TRAIN_RUN_NAME))],
+            callbacks=[metrics_logger(cfg, join_uri(storage, TRAIN_RUN_NAME))],
         ),
         datasets={"train": train},
         dataset_config=DataConfig(execution_options=ingest),
