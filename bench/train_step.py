@@ -20,8 +20,9 @@ Steps, in order:
 
 1. Rows. The library builds the tiny SDXL and a toy feature store (`run_precompute` on a local Ray, under
    bench/results/work/bench-train-step-<resolution>px-b<batch>/), and `read_training_dataset(...).take_batch` gives
-   2 x --batch training rows. They are cached there (rows.pkl) with the raw images and captions of the same pairs,
-   so a later run, or a machine without Ray, skips this step: copy rows.pkl and tiny_model/ to a GPU machine.
+   2 x --batch training rows. They are cached there (rows/: the rows as rows.npz, the raw images and captions of the
+   same pairs as raw.parquet, the model kind in kind.txt), so a later run, or a machine without Ray, skips this
+   step: copy rows/ and tiny_model/ to a GPU machine.
 2. Phases, in this process: a world-size-1 torch.distributed group and the worker's own `setup_models` (same
    DeepSpeed config, optimizer and frozen reference). Each repeat runs, one after the other so that a busy
    machine slows them alike:
@@ -53,7 +54,6 @@ import gc
 import json
 import logging
 import os
-import pickle
 import platform
 import socket
 import statistics
@@ -140,14 +140,35 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def rows_cache(args: argparse.Namespace) -> Path:
-    return WORK / run_name(args) / "rows.pkl"
+    return WORK / run_name(args) / "rows"
+
+
+def save_rows(folder: Path, data: dict[str, Any]) -> None:
+    """Plain formats, nothing executable: numpy arrays (pair ids as fixed-width text), an Arrow table, a text file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {key: np.asarray(value, dtype=str) if key == "pair_id" else value for key, value in data["rows"].items()}
+    np.savez(folder / "rows.npz", **rows)
+    pq.write_table(pa.table(data["raw"]), folder / "raw.parquet")
+    (folder / "kind.txt").write_text(data["kind"])
+
+
+def read_rows(folder: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    with np.load(folder / "rows.npz", allow_pickle=False) as arrays:
+        rows = {key: arrays[key] for key in arrays.files}
+    return {"rows": rows, "raw": pq.read_table(folder / "raw.parquet").to_pydict(),
+            "kind": (folder / "kind.txt").read_text()}
 
 
 def load_rows(args: argparse.Namespace) -> dict[str, Any]:
     """{"rows": store rows (numpy), "raw": captions + image bytes of the same pairs, "kind": "sdxl"}; cached."""
     cache = rows_cache(args)
-    if cache.exists():
-        return pickle.loads(cache.read_bytes())
+    if (cache / "kind.txt").exists():  # written last: a complete cache
+        return read_rows(cache)
     import ray
 
     from pipeline.data import load_preferences
@@ -175,8 +196,7 @@ def load_rows(args: argparse.Namespace) -> dict[str, Any]:
         "raw": {key: [p[key] for p in chosen] for key in ("caption", "image_w", "image_l")},
         "kind": read_kind(summary["store_uri"]),
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(pickle.dumps(data))
+    save_rows(cache, data)
     return data
 
 
@@ -506,7 +526,7 @@ def worker_main(rank: int, port: int, stage: int, args: argparse.Namespace, mode
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported: fewer GPUs than workers -> the CPU
     init_process_group(rank, WORKERS, port, "nccl" if gpus else "gloo")
     quiet_deepspeed()
-    data = pickle.loads(rows_cache(args).read_bytes())
+    data = read_rows(rows_cache(args))
     rows = rows_of_rank(data["rows"], rank, args.batch)
     device = torch.device("cuda", rank) if gpus else torch.device("cpu")
     cfg = bench_config(args, f"train.zero_stage={stage}", f"train.num_workers={WORKERS}")

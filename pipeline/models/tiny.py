@@ -58,27 +58,18 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, *, seed: int = 0, toy_fit_steps:
 
     With `toy_fit_steps` > 0 the UNet is then fitted to the toy world at `toy_fit_resolution` (see toy_fit.py)
     before the folder appears, so a half-fitted model is never used."""
-    return _build_once(Path(out_dir), lambda tmp: (
-        _save_tiny_sdxl(tmp, seed), _fit(tmp, "sdxl", toy_fit_steps, toy_fit_resolution, seed)
-    ))
+    return _build_once(Path(out_dir), lambda tmp: _save_tiny_sdxl(tmp, seed), kind="sdxl", seed=seed,
+                       toy_fit_steps=toy_fit_steps, toy_fit_resolution=toy_fit_resolution)
 
 
 def build_tiny_sd15(out_dir: str | os.PathLike, *, seed: int = 0, toy_fit_steps: int = 0, toy_fit_resolution: int = 64) -> Path:
     """Write a tiny SD1.5-shaped `StableDiffusionPipeline` folder to `out_dir` (returned as is if complete); the
     toy fit as for `build_tiny_sdxl`."""
-    return _build_once(Path(out_dir), lambda tmp: (
-        _save_tiny_sd15(tmp, seed), _fit(tmp, "sd15", toy_fit_steps, toy_fit_resolution, seed)
-    ))
+    return _build_once(Path(out_dir), lambda tmp: _save_tiny_sd15(tmp, seed), kind="sd15", seed=seed,
+                       toy_fit_steps=toy_fit_steps, toy_fit_resolution=toy_fit_resolution)
 
 
-def _fit(folder: Path, kind: str, steps: int, resolution: int, seed: int) -> None:
-    if steps > 0:
-        from pipeline.models.toy_fit import fit_unet_to_toy_world
-
-        fit_unet_to_toy_world(folder, kind=kind, steps=steps, resolution=resolution, seed=seed)
-
-
-def _build_once(out_dir: Path, save) -> Path:
+def _build_once(out_dir: Path, save, *, kind: str, seed: int, toy_fit_steps: int, toy_fit_resolution: int) -> Path:
     """Build into a sibling temp folder and rename it into place, so a crash never leaves a half-written pipeline
     and concurrent builders (several Ray workers) end up with one complete folder."""
     if (out_dir / "model_index.json").is_file():
@@ -87,6 +78,10 @@ def _build_once(out_dir: Path, save) -> Path:
     tmp = out_dir.parent / f".{out_dir.name}.building-{uuid.uuid4().hex}"
     try:
         save(tmp)
+        if toy_fit_steps > 0:
+            from pipeline.models.toy_fit import fit_unet_to_toy_world
+
+            fit_unet_to_toy_world(tmp, kind=kind, steps=toy_fit_steps, resolution=toy_fit_resolution, seed=seed)
         try:
             os.replace(tmp, out_dir)  # atomic; also replaces an empty out_dir
         except OSError:

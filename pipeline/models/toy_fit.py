@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # Scenes for the fit come from their own seed, never the preference set's (toy worlds use small seeds).
 FIT_SCENE_SEED = 1_000_003
@@ -32,6 +31,7 @@ def toy_training_set(parts, *, kind: str, scenes: int, resolution: int) -> dict[
     """Latents, prompt embeddings and SDXL time ids of `scenes` toy scenes, each rendered in every style."""
     from pipeline.data.toy import STYLES, random_scene, render_scene
     from pipeline.models.text import encode_prompts, sdxl_add_time_ids
+    from pipeline.precompute.stages import vae_input
 
     rng = np.random.default_rng(FIT_SCENE_SEED)
     captions, pixels = [], []
@@ -41,7 +41,8 @@ def toy_training_set(parts, *, kind: str, scenes: int, resolution: int) -> dict[
             image = render_scene(scene, style, resolution=resolution, seed=int(rng.integers(2**32)))
             captions.append(scene.caption)
             pixels.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
-    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    images = vae_input(np.stack(pixels))
+    # As precompute encodes: the posterior mean times the VAE's scaling factor.
     latents = torch.cat([
         parts.vae.encode(chunk).latent_dist.mean * parts.vae.config.scaling_factor for chunk in images.split(64)
     ])
@@ -70,13 +71,12 @@ def fit_unet_to_toy_world(
     Returns (and writes to `toy_fit.json` in the folder) what was done: steps, scenes, the first and last losses.
     """
     from pipeline.models.loader import load_components
+    from pipeline.train.step import unet_mse
 
     folder = Path(pipeline_dir)
     parts = load_components(str(folder), kind=kind, parts=("unet", "vae", "text", "scheduler"))
     data = toy_training_set(parts, kind=kind, scenes=scenes, resolution=resolution)
     unet, scheduler = parts.unet.train().requires_grad_(True), parts.scheduler
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError("the toy fit trains epsilon prediction; the tiny pipelines use it")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     count = data["latents"].shape[0]
@@ -86,14 +86,11 @@ def fit_unet_to_toy_world(
         latents = data["latents"][index]
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        added = None
-        if "pooled" in data:
-            added = {"text_embeds": data["pooled"][index], "time_ids": data["time_ids"][index]}
-        prediction = unet(
-            scheduler.add_noise(latents, noise, timesteps), timesteps,
-            encoder_hidden_states=data["prompt_embeds"][index], added_cond_kwargs=added,
-        ).sample
-        loss = F.mse_loss(prediction, noise)
+        sdxl = "pooled" in data
+        loss = unet_mse(  # the training step's own denoising loss, per sample; all samples are the same size
+            unet, scheduler, latents, noise, timesteps, data["prompt_embeds"][index],
+            data["pooled"][index] if sdxl else None, data["time_ids"][index] if sdxl else None,
+        ).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -103,19 +103,26 @@ class EncoderSpec:
     use_gpu: bool
 
 
+def load_encoders(spec: EncoderSpec, parts: tuple[str, ...]):
+    """(device, the pipeline `parts` in float32, the CLIP embedder) for one encoder actor.
+
+    float32 throughout: SDXL's VAE overflows in float16, and the store keeps the embeddings in float16 anyway.
+    """
+    device = encoder_device(spec.use_gpu)
+    components = load_components(
+        spec.model_path, kind=spec.kind, parts=parts, dtype=torch.float32, device=device,
+        revision=spec.revision, variant=spec.variant,
+    )
+    return device, components, ClipEmbedder(spec.clip_model, spec.clip_pretrained, device=str(device))
+
+
 class ImageEncoder:
     """Actor: decoded crops -> rows of the images table (bad rows pass through with their reason, no features)."""
 
     def __init__(self, spec: EncoderSpec):
         self.spec = spec
-        self.device = encoder_device(spec.use_gpu)
-        # float32 VAE: SDXL's VAE overflows in float16.
-        parts = load_components(
-            spec.model_path, kind=spec.kind, parts=("vae",), dtype=torch.float32, device=self.device,
-            revision=spec.revision, variant=spec.variant,
-        )
+        self.device, parts, self.clip = load_encoders(spec, ("vae",))
         self.vae = parts.vae.requires_grad_(False)
-        self.clip = ClipEmbedder(spec.clip_model, spec.clip_pretrained, device=str(self.device))
 
     @torch.no_grad()
     def latents(self, pixels: np.ndarray) -> np.ndarray:
@@ -155,14 +162,9 @@ class TextEncoder:
 
     def __init__(self, spec: EncoderSpec):
         self.spec = spec
-        self.device = encoder_device(spec.use_gpu)
-        parts = load_components(
-            spec.model_path, kind=spec.kind, parts=("text",), dtype=torch.float32, device=self.device,
-            revision=spec.revision, variant=spec.variant,
-        )
+        self.device, parts, self.clip = load_encoders(spec, ("text",))
         self.text_encoders = [encoder.requires_grad_(False) for encoder in parts.text_encoders]
         self.tokenizers = parts.tokenizers
-        self.clip = ClipEmbedder(spec.clip_model, spec.clip_pretrained, device=str(self.device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         captions = [str(c) for c in batch["caption"]]

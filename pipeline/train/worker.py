@@ -98,6 +98,7 @@ def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
         step, warmup_steps=cfg.train.lr_warmup_steps, total_steps=cfg.train.max_steps, schedule=cfg.train.lr_schedule
     )
     optimizer = None
+    unet.to(device)  # before the optimizer: a fused optimizer checks that its parameters are on the GPU
     if cfg.train.offload_optimizer:
         # ZeRO-Offload needs DeepSpeed's own CPU Adam, built from the config.
         ds_config["optimizer"] = {
@@ -106,10 +107,9 @@ def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
                        "weight_decay": cfg.train.weight_decay},
         }
     else:
-        unet.to(device)  # before the optimizer: a fused optimizer checks that its parameters are on the GPU
         optimizer = _optimizer(cfg, trainable, device)
     engine, _, _, _ = deepspeed.initialize(
-        model=unet.to(device),
+        model=unet,
         model_parameters=trainable,
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),

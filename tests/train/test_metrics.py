@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
