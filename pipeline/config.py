@@ -123,17 +123,52 @@ class TuneConfig:
 
 @dataclass
 class GenerateConfig:
+    # Prompts to generate: "" = the store's held-apart captions (up to num_prompts), plus a fixed list of toy scenes
+    # when data.source is "toy"; else a .txt (one prompt a line), .jsonl or .parquet file with a "prompt" column.
+    prompts: str = ""
     num_prompts: int = 8
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # every prompt is drawn once per seed, for every model
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
-    seed: int = 0
-    batch_size: int = 4
+    resolution: int = 0  # square output size in pixels; 0 = precompute.resolution
+    # A diffusers scheduler class for sampling (e.g. "EulerDiscreteScheduler", "DDIMScheduler"); "" = the model's own.
+    scheduler: str = ""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp16 on GPUs, fp32 on CPU
+    batch_size: int = 4  # prompts per pipeline call on one actor
+    num_actors: int = 1
+    actor_num_cpus: float = 0.5
+    actor_num_gpus: float = 0.0  # 1.0 on a GPU cluster
+
+
+@dataclass
+class ScorerConfig:
+    # The published weights of a reward model: a local file or folder, or a hub id (README "Scorers" says where
+    # each comes from). None for clip = model.clip_model / model.clip_pretrained.
+    weights: str | None = None
+    # Weights of the scorer's backbone where they ship apart from its head (aesthetic: OpenAI CLIP ViT-L/14;
+    # imagereward: the BERT tokenizer folder); None = the published default.
+    backbone: str | None = None
+    # The architecture: None = the published one; tests name a tiny twin's config here.
+    arch: str | None = None
 
 
 @dataclass
 class EvaluateConfig:
     holdout_pairs: int = 64  # held-apart pairs whose implicit accuracy training reports at its start and end
-    scorers: list[str] = field(default_factory=lambda: ["style"])
+    # Reward scorers run on every generated image: clip, pickscore, hpsv2, aesthetic, imagereward, style.
+    scorers: list[str] = field(default_factory=lambda: ["style", "clip"])
+    clip: ScorerConfig = field(default_factory=ScorerConfig)
+    pickscore: ScorerConfig = field(default_factory=ScorerConfig)
+    hpsv2: ScorerConfig = field(default_factory=ScorerConfig)
+    aesthetic: ScorerConfig = field(default_factory=ScorerConfig)
+    imagereward: ScorerConfig = field(default_factory=ScorerConfig)
+    batch_size: int = 8  # images per scorer call on one actor
+    num_actors: int = 1
+    actor_num_cpus: float = 0.5
+    actor_num_gpus: float = 0.0
+    confidence_level: float = 0.95  # of the bootstrap intervals
+    bootstrap_resamples: int = 2000
+    grid_prompts: int = 8  # prompts shown as base-vs-aligned image grids in the report
 
 
 @dataclass
@@ -320,6 +355,36 @@ def validate(cfg: AlignConfig) -> None:
     for key in cfg.tune.search_space:
         _lookup(cfg, key)  # raises on a key that does not exist
     need(cfg.evaluate.holdout_pairs >= 0, "evaluate.holdout_pairs", cfg.evaluate.holdout_pairs, "an integer >= 0")
+    g = cfg.generate
+    need(g.num_prompts >= 1, "generate.num_prompts", g.num_prompts, "an integer >= 1")
+    need(len(g.seeds) >= 1, "generate.seeds", g.seeds, "a non-empty list of integers")
+    need(len(set(g.seeds)) == len(g.seeds), "generate.seeds", g.seeds, "distinct seeds")
+    need(g.num_inference_steps >= 1, "generate.num_inference_steps", g.num_inference_steps, "an integer >= 1")
+    need(g.guidance_scale >= 0, "generate.guidance_scale", g.guidance_scale, "a number >= 0 (<= 1 turns guidance off)")
+    need(g.resolution == 0 or (g.resolution >= 8 and g.resolution % 8 == 0), "generate.resolution", g.resolution,
+         "0 (= precompute.resolution) or a positive multiple of 8")
+    need(g.batch_size >= 1, "generate.batch_size", g.batch_size, "an integer >= 1")
+    need(g.num_actors >= 1, "generate.num_actors", g.num_actors, "an integer >= 1")
+    need(g.actor_num_cpus > 0, "generate.actor_num_cpus", g.actor_num_cpus, "> 0")
+    need(g.actor_num_gpus >= 0, "generate.actor_num_gpus", g.actor_num_gpus, ">= 0")
+    if g.precision in ("bf16", "fp16") and g.actor_num_gpus == 0:
+        raise ConfigError(
+            f"config key 'generate.precision': {g.precision!r} needs GPUs (generate.actor_num_gpus > 0); "
+            f"use 'auto' or 'fp32' on CPU"
+        )
+    e = cfg.evaluate
+    from pipeline.evaluate.names import SCORER_NAMES  # the one list of scorers, kept beside them
+
+    for i, name in enumerate(e.scorers):
+        need(name in SCORER_NAMES, f"evaluate.scorers[{i}]", name, f"one of {list(SCORER_NAMES)}")
+    need(len(set(e.scorers)) == len(e.scorers), "evaluate.scorers", e.scorers, "each scorer at most once")
+    need(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "an integer >= 1")
+    need(e.num_actors >= 1, "evaluate.num_actors", e.num_actors, "an integer >= 1")
+    need(e.actor_num_cpus > 0, "evaluate.actor_num_cpus", e.actor_num_cpus, "> 0")
+    need(e.actor_num_gpus >= 0, "evaluate.actor_num_gpus", e.actor_num_gpus, ">= 0")
+    need(0.5 <= e.confidence_level < 1.0, "evaluate.confidence_level", e.confidence_level, "0.5 <= x < 1")
+    need(e.bootstrap_resamples >= 100, "evaluate.bootstrap_resamples", e.bootstrap_resamples, "an integer >= 100")
+    need(e.grid_prompts >= 0, "evaluate.grid_prompts", e.grid_prompts, "an integer >= 0")
     need(cfg.tune.num_samples >= 1, "tune.num_samples", cfg.tune.num_samples, "an integer >= 1")
 
 

@@ -1,0 +1,1 @@
+"""Generation: images for fixed prompts and seeds from the base and trained models, as Ray Data batch inference."""
