@@ -5,17 +5,43 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipeline.config import AlignConfig, ConfigError, add_config_args, config_from_args
+from pipeline.config import AlignConfig, ConfigError, add_config_args, config_from_args, join_uri
 
 
-def parse(description: str) -> AlignConfig:
-    """The job's config; a bad one ends the job with its one-line reason (exit code 2), not a traceback."""
+def parse(description: str, *, with_models: bool = False) -> AlignConfig | tuple[AlignConfig, dict[str, str]]:
+    """The job's config (and, with_models, the --model TAG=LOCATION pairs); a bad one ends the job with its one-line
+    reason (exit code 2), not a traceback."""
     parser = argparse.ArgumentParser(description=description)
     add_config_args(parser)
+    if with_models:
+        parser.add_argument(
+            "--model", dest="models", action="append", default=[], metavar="TAG=LOCATION",
+            help="a model to generate from: 'base', a diffusers pipeline folder or hub id, a UNet folder or a LoRA "
+                 "file/folder (repeatable; default: base=base and aligned=<run>/model when it exists)",
+        )
+    args = parser.parse_args()
     try:
-        return config_from_args(parser.parse_args())
+        cfg = config_from_args(args)
+        if not with_models:
+            return cfg
+        return cfg, models_from_args(cfg, args.models)
     except ConfigError as err:
         parser.error(str(err))
+
+
+def models_from_args(cfg: AlignConfig, pairs: list[str]) -> dict[str, str]:
+    from pipeline.storage import exists
+
+    if not pairs:
+        aligned = join_uri(cfg.run_dir, "model")
+        return {"base": "base", **({"aligned": aligned} if exists(aligned) else {})}
+    models = {}
+    for text in pairs:
+        tag, sep, location = text.partition("=")
+        if not sep or not tag or not location or "/" in tag:
+            raise ConfigError(f"--model {text!r}: expected TAG=LOCATION, e.g. --model aligned=runs/toy/model")
+        models[tag] = location
+    return models
 
 
 def init_ray(cfg: AlignConfig) -> None:
