@@ -80,13 +80,23 @@ def local_copy(uri: str) -> Path:
 
 
 def _fingerprint(path: Path) -> str:
-    """Relative names, sizes and modification times of the model's files: cheap, and any rewrite changes it."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    """A content hash of the model's weights and configs (big files sampled, as the feature store hashes models), so
+    a re-exported but identical model reuses its images and a changed one regenerates them."""
+    from pipeline.models.loader import _file_digest
+
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _is_run_record(p))
     digest = hashlib.sha256()
     for file in files:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{_file_digest(file)}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _is_run_record(file: Path) -> bool:
+    """Training writes these beside the weights on every run; they do not change what the model draws."""
+    return file.name in ("align_config.json", "final_metrics.json")
 
 
 def load_base(path: str, *, dtype: torch.dtype, device: torch.device, scheduler: str = ""):

@@ -21,6 +21,7 @@ def test_align_job_runs_end_to_end_and_resumes(tmp_path):
         "--set", "data.toy_pairs=12", "--set", "data.toy_resolution=32", "--set", "precompute.resolution=32",
         "--set", "model.tiny_fit_steps=10",  # the fit runs, briefly
         "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1", "--set", "train.batch_size_per_worker=2",
+        "--set", "generate.num_prompts=2", "--set", "generate.seeds=[0]", "--set", "generate.num_inference_steps=2",
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -29,10 +30,17 @@ def test_align_job_runs_end_to_end_and_resumes(tmp_path):
     model = tmp_path / "toy" / "model"
     UNet2DConditionModel.from_pretrained(model)  # plain diffusers loads what the job wrote
     assert json.loads((model / "final_metrics.json").read_text())["step"] == 2
+    report = tmp_path / "toy" / "report" / "index.html"
+    assert first.stdout.strip().splitlines()[-1] == f"[align] report: {report}"  # the report's path comes last
+    shown = json.loads((report.parent / "report.json").read_text())
+    assert shown["comparison"]["models"] == ["base", "aligned"]
+    assert set(shown["comparison"]["scorers"]) == {"style", "clip"}  # the default scorers
+    assert "[evaluate] style: mean base" in first.stdout
 
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing new" in again.stdout  # the store was complete: nothing re-encoded
+    assert again.stdout.strip().splitlines()[-1] == f"[align] report: {report}"
 
 
 def test_bad_override_is_a_clear_error():
