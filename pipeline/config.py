@@ -110,6 +110,12 @@ class TrainConfig:
     # Stores with at most this many training pairs are read once into Ray's object store, so later epochs do not
     # re-run the reader; bigger ones stream from the store every epoch.
     materialize_max_pairs: int = 4096
+    # Start the policy (and the reference) from this diffusers UNet folder instead of the base pipeline's UNet:
+    # re-alignment continues from the promoted model. Full fine-tunes only.
+    init_unet: str | None = None
+    # A Parquet file with a pair_id column: train on those of the store's train pairs only (re-alignment's mix of
+    # new and old pairs). None: all of them.
+    pair_ids: str | None = None
 
 
 @dataclass
@@ -172,6 +178,19 @@ class EvaluateConfig:
 
 
 @dataclass
+class RealignConfig:
+    """Scheduled re-alignment (jobs/realign.py): the registry, the mix of pairs and the promotion gate."""
+
+    registry: str = ""  # "" = <storage>/<name>/registry
+    old_pairs_per_new: float = 1.0  # old pairs sampled (seeded) per new pair into a version's training set
+    min_new_pairs: int = 1  # fewer new training pairs than this: the run does nothing and says so
+    gate_scorer: str = "style"  # its paired win rate decides; must be one of evaluate.scorers
+    min_win_rate_lower: float = 0.5  # the win-rate interval's lower end must be above this
+    max_regression: float = 0.05  # no scorer's mean may be worse by more than this fraction of the promoted one's
+    lock_stale_s: float = 86400.0  # a registry lock older than this is a crashed run's and is broken
+
+
+@dataclass
 class ClusterConfig:
     storage_path: str = "runs"  # local folder or s3:// / gs:// URI; everything of a run lives under it
     ray_address: str | None = None  # None: Ray's own rules (RAY_ADDRESS, a running head, else a local Ray)
@@ -191,6 +210,7 @@ class AlignConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    realign: RealignConfig = field(default_factory=RealignConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -386,6 +406,17 @@ def validate(cfg: AlignConfig) -> None:
     need(e.bootstrap_resamples >= 100, "evaluate.bootstrap_resamples", e.bootstrap_resamples, "an integer >= 100")
     need(e.grid_prompts >= 0, "evaluate.grid_prompts", e.grid_prompts, "an integer >= 0")
     need(cfg.tune.num_samples >= 1, "tune.num_samples", cfg.tune.num_samples, "an integer >= 1")
+    r = cfg.realign
+    need(r.old_pairs_per_new >= 0, "realign.old_pairs_per_new", r.old_pairs_per_new, "a number >= 0")
+    need(r.min_new_pairs >= 1, "realign.min_new_pairs", r.min_new_pairs, "an integer >= 1")
+    need(0.0 <= r.min_win_rate_lower < 1.0, "realign.min_win_rate_lower", r.min_win_rate_lower, "0 <= x < 1")
+    need(r.max_regression >= 0, "realign.max_regression", r.max_regression, "a number >= 0")
+    need(r.lock_stale_s > 0, "realign.lock_stale_s", r.lock_stale_s, "a number of seconds > 0")
+    if t.init_unet is not None and t.mode == "lora":
+        raise ConfigError(
+            "config keys 'train.init_unet' and 'train.mode': a LoRA run adapts the base pipeline's UNet; "
+            "set train.mode=full to continue from another UNet, or unset train.init_unet"
+        )
 
 
 def _lookup(cfg: Any, dotted: str) -> Any:
