@@ -14,21 +14,26 @@ and counted in ``summary["ties"]``; with ``drop_ties=False`` they are kept, in f
 A comparison seen twice in one load (even with columns swapped and the label flipped) is kept once.
 Every image is fully decoded once here, so later stages can trust the bytes.
 
-``load_preferences`` holds every kept image in memory. For a table larger than memory, iterate a
-``PreferenceStream`` instead: it yields the same pairs in record batches and keeps only the quarantine
-table and the pair ids in memory.
+``load_preferences`` holds every kept image in memory: it is the small-table API. Tables larger than memory go
+through ``pipeline.precompute.source`` (Ray Data read tasks, one per file), which uses the same row readers
+(``table_files``, ``file_rows``) and the same per-row check (``check_row``), so both paths give the same reasons.
+Sources may be local paths or ``s3://`` / ``gs://`` URIs (pyarrow filesystems; images named by path are read
+relative to the table's folder on the same filesystem).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data.images import BadImage, decode_image
@@ -40,6 +45,7 @@ from pipeline.data.schema import (
     QUARANTINE_SCHEMA,
     pair_id,
 )
+from pipeline.storage import filesystem, is_local
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,15 @@ class RowError(Exception):
 
 
 @dataclass(frozen=True)
-class _RawRow:
+class TableFile:
+    """One file of a preference table: ``uri`` (a local path as given, or ``s3://bucket/key``) and its kind."""
+
+    uri: str
+    kind: str  # "parquet" | "jsonl"
+
+
+@dataclass(frozen=True)
+class RawRow:
     """One row as read, before validation. Images are bytes (inline) or paths relative to ``folder``."""
 
     source: str
@@ -90,11 +104,11 @@ class _RawRow:
     image_0: Any
     image_1: Any
     label_0: Any
-    folder: Path | None  # set when the images are file paths
+    folder: Path | str | None  # set when the images are file paths: a local Path, or a folder URI
 
 
 @dataclass(frozen=True)
-class _Rejected:
+class Rejected:
     """A row that is already known to be bad at read time (bad JSON line, missing column)."""
 
     source: str
@@ -138,16 +152,15 @@ class PreferenceStream:
         batch_rows: int = PAIR_BATCH_ROWS,
     ):
         self.source = source
-        self.files = source_files(source)
+        self.files = table_files(source)
         self.batch_rows = batch_rows
         self._collector = _Collector(
             drop_ties=drop_ties, max_image_pixels=max_image_pixels, max_aspect_ratio=max_aspect_ratio
         )
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
-        for path, kind in self.files:
-            rows = _parquet_rows(path) if kind == "parquet" else _jsonl_rows(path)
-            for item in rows:
+        for file in self.files:
+            for item in file_rows(file):
                 self._collector.add(item)
                 if self._collector.pending_rows >= self.batch_rows:
                     yield self._collector.take_batch()
@@ -164,12 +177,50 @@ class PreferenceStream:
         return self._collector.summary()
 
 
+ACCEPTED_SOURCES = (
+    "a .parquet file, a folder of .parquet files, or a .jsonl file with image paths relative to its folder"
+)
+
+
+def table_files(source: str | Path) -> list[TableFile]:
+    """The files behind ``source`` (a local path or an ``s3://`` / ``gs://`` URI); a folder's .parquet files sorted.
+
+    A source that does not exist or holds no table is an error naming it.
+    """
+    if is_local(str(source)):
+        return [TableFile(str(path), kind) for path, kind in source_files(source)]
+    uri = str(source).rstrip("/")
+    scheme = uri.split("://", 1)[0]
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"preference table {uri} does not exist; expected {ACCEPTED_SOURCES}")
+    if info.type == pafs.FileType.Directory:
+        names = sorted(
+            entry.path for entry in fs.get_file_info(pafs.FileSelector(path))
+            if entry.type == pafs.FileType.File and posixpath.splitext(entry.path)[1].lower() in PARQUET_SUFFIXES
+            and not posixpath.basename(entry.path).startswith((".", "_"))
+        )
+        if not names:
+            raise ValueError(f"folder {uri} holds no .parquet files; expected {ACCEPTED_SOURCES}")
+        return [TableFile(f"{scheme}://{name}", "parquet") for name in names]
+    return [TableFile(uri, _kind_of(uri))]
+
+
+def _kind_of(name: str) -> str:
+    suffix = posixpath.splitext(name)[1].lower()
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    raise ValueError(f"preference table {name}: unknown format {suffix or '(no suffix)'!r}; expected {ACCEPTED_SOURCES}")
+
+
 def source_files(source: str | Path) -> list[tuple[Path, str]]:
-    """The files behind ``source`` with their kind ("parquet" or "jsonl"); a folder's .parquet files sorted."""
+    """The local files behind ``source`` with their kind ("parquet" or "jsonl"); a folder's .parquet files sorted."""
     path = Path(source)
-    accepted = "a .parquet file, a folder of .parquet files, or a .jsonl file with image paths relative to its folder"
     if not path.exists():
-        raise FileNotFoundError(f"preference table {path} does not exist; expected {accepted}")
+        raise FileNotFoundError(f"preference table {path} does not exist; expected {ACCEPTED_SOURCES}")
     if path.is_dir():
         # Skip hidden and Spark/Hive marker files (_SUCCESS, _metadata) that sit beside the shards.
         files = sorted(
@@ -177,14 +228,18 @@ def source_files(source: str | Path) -> list[tuple[Path, str]]:
             if p.is_file() and p.suffix.lower() in PARQUET_SUFFIXES and not p.name.startswith((".", "_"))
         )
         if not files:
-            raise ValueError(f"folder {path} holds no .parquet files; expected {accepted}")
+            raise ValueError(f"folder {path} holds no .parquet files; expected {ACCEPTED_SOURCES}")
         return [(p, "parquet") for p in files]
-    suffix = path.suffix.lower()
-    if suffix in PARQUET_SUFFIXES:
-        return [(path, "parquet")]
-    if suffix in JSONL_SUFFIXES:
-        return [(path, "jsonl")]
-    raise ValueError(f"preference table {path}: unknown format {suffix or '(no suffix)'!r}; expected {accepted}")
+    return [(path, _kind_of(str(path)))]
+
+
+def file_rows(file: TableFile) -> Iterator[RawRow | Rejected]:
+    """Every row of one table file, in file order, as read (not yet validated)."""
+    return _parquet_rows(file) if file.kind == "parquet" else _jsonl_rows(file)
+
+
+def _folder_of(uri: str) -> Path | str:
+    return Path(uri).parent if is_local(uri) else posixpath.dirname(uri)
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -208,9 +263,11 @@ def _missing_columns_detail(names: set[str], accepted: tuple[tuple[str, ...], ..
     return f"missing column(s) {', '.join(missing)}; accepted column sets: {sets}"
 
 
-def _parquet_rows(path: Path) -> Iterator[_RawRow | _Rejected]:
+def _parquet_rows(file: TableFile) -> Iterator[RawRow | Rejected]:
+    path = file.uri
     try:
-        parquet = pq.ParquetFile(path)
+        fs, fs_path = filesystem(path)
+        parquet = pq.ParquetFile(fs.open_input_file(fs_path))
     except (pa.ArrowException, OSError) as err:
         raise ValueError(f"{path} is not a readable Parquet file: {err}") from err
     names = set(parquet.schema_arrow.names)
@@ -218,10 +275,10 @@ def _parquet_rows(path: Path) -> Iterator[_RawRow | _Rejected]:
     if columns is None:
         detail = _missing_columns_detail(names, ACCEPTED_COLUMN_SETS)
         for row in range(parquet.metadata.num_rows):
-            yield _Rejected(str(path), row, "missing_column", detail)
+            yield Rejected(path, row, "missing_column", detail)
         return
     caption_col, image_0_col, image_1_col, label_col = columns
-    folder = path.parent if image_0_col in IMAGE_PATH_COLUMNS else None
+    folder = _folder_of(path) if image_0_col in IMAGE_PATH_COLUMNS else None
     row = 0
     batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(columns))
     while True:
@@ -233,8 +290,8 @@ def _parquet_rows(path: Path) -> Iterator[_RawRow | _Rejected]:
             raise ValueError(f"{path}: Parquet data is corrupt near row {row}: {err}; re-export the file") from err
         values = {name: batch.column(name).to_pylist() for name in columns}
         for i in range(batch.num_rows):
-            yield _RawRow(
-                source=str(path),
+            yield RawRow(
+                source=path,
                 row=row,
                 caption=values[caption_col][i],
                 image_0=values[image_0_col][i],
@@ -245,38 +302,40 @@ def _parquet_rows(path: Path) -> Iterator[_RawRow | _Rejected]:
             row += 1
 
 
-def _jsonl_rows(path: Path) -> Iterator[_RawRow | _Rejected]:
-    source = str(path)
-    with path.open("rb") as lines:  # bytes, so one line of bad UTF-8 is one bad row, not a failed read
+def _jsonl_rows(file: TableFile) -> Iterator[RawRow | Rejected]:
+    source = file.uri
+    fs, fs_path = filesystem(source)
+    # bytes, so one line of bad UTF-8 is one bad row, not a failed read
+    with fs.open_input_stream(fs_path) as raw, io.BufferedReader(raw) as lines:
         for row, line in enumerate(lines):
             if not line.strip():
                 continue  # blank lines (a trailing newline) are not rows
             try:
                 record = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as err:
-                yield _Rejected(source, row, "bad_json", f"line {row} is not valid UTF-8: {err}")
+                yield Rejected(source, row, "bad_json", f"line {row} is not valid UTF-8: {err}")
                 continue
             except json.JSONDecodeError as err:
                 detail = f"line {row} is not valid JSON: {err.msg} at column {err.colno}"
-                yield _Rejected(source, row, "bad_json", detail)
+                yield Rejected(source, row, "bad_json", detail)
                 continue
             if not isinstance(record, dict):
                 detail = f"line {row}: expected a JSON object, got {type(record).__name__}"
-                yield _Rejected(source, row, "bad_json", detail)
+                yield Rejected(source, row, "bad_json", detail)
                 continue
             columns = _choose_columns(set(record), JSONL_COLUMN_SETS)
             if columns is None:
-                yield _Rejected(source, row, "missing_column", _missing_columns_detail(set(record), JSONL_COLUMN_SETS))
+                yield Rejected(source, row, "missing_column", _missing_columns_detail(set(record), JSONL_COLUMN_SETS))
                 continue
             caption_col, image_0_col, image_1_col, label_col = columns
-            yield _RawRow(
+            yield RawRow(
                 source=source,
                 row=row,
                 caption=record[caption_col],
                 image_0=record[image_0_col],
                 image_1=record[image_1_col],
                 label_0=record[label_col],
-                folder=path.parent,
+                folder=_folder_of(source),
             )
 
 
@@ -346,6 +405,42 @@ def read_image_file(folder: Path, relative: Any, index: int) -> bytes:
         raise RowError("missing_file", f"image {index}: cannot read {relative!r} under {root}: {err}") from err
 
 
+def read_image_uri(folder: str, relative: Any, index: int) -> bytes:
+    """Bytes of an image named relative to the folder URI ``folder`` (object stores have no symlinks: a path is
+    refused when it is absolute or its ``..`` parts climb out of the folder)."""
+    column = IMAGE_PATH_COLUMNS[index]
+    if not isinstance(relative, str) or not relative:
+        detail = f"image {index}: {column} must be a non-empty relative path, got {relative!r:.80}"
+        raise RowError("missing_file", detail)
+    if relative.startswith("/") or "://" in relative:
+        detail = f"image {index}: {relative!r} is absolute; paths must be relative to {folder}"
+        raise RowError("path_escapes_folder", detail)
+    if posixpath.normpath(relative).split("/")[0] == "..":
+        raise RowError("path_escapes_folder", f"image {index}: {relative!r} leads outside {folder}")
+    uri = f"{folder.rstrip('/')}/{posixpath.normpath(relative)}"
+    try:
+        fs, path = filesystem(uri)
+        with fs.open_input_stream(path) as src:
+            return src.read()
+    except (OSError, pa.ArrowException) as err:
+        raise RowError("missing_file", f"image {index}: cannot read {relative!r} under {folder}: {err}") from err
+
+
+def check_row(item: RawRow, *, max_image_pixels: int, max_aspect_ratio: float) -> ValidPair:
+    """Validate one row as read: images read (for path columns) and fully decoded; raises RowError."""
+    image_0, image_1 = item.image_0, item.image_1
+    if item.folder is not None:
+        # Check caption and label before touching the file system: the cheaper reason wins.
+        _check_caption_and_label(item.caption, item.label_0)
+        read = read_image_file if isinstance(item.folder, Path) else read_image_uri
+        image_0 = read(item.folder, image_0, 0)
+        image_1 = read(item.folder, image_1, 1)
+    return validate_pair(
+        item.caption, image_0, image_1, item.label_0,
+        max_image_pixels=max_image_pixels, max_aspect_ratio=max_aspect_ratio,
+    )
+
+
 class _Collector:
     """Validates rows one at a time; holds kept pairs until taken, and the quarantine rows and counts."""
 
@@ -359,9 +454,9 @@ class _Collector:
         self.counts = {"rows": 0, "kept": 0, "ties": 0, "duplicates": 0, "quarantined": 0}
         self.by_reason = dict.fromkeys(QUARANTINE_REASONS, 0)
 
-    def add(self, item: _RawRow | _Rejected) -> None:
+    def add(self, item: RawRow | Rejected) -> None:
         self.counts["rows"] += 1
-        if isinstance(item, _Rejected):
+        if isinstance(item, Rejected):
             self._quarantine(item.source, item.row, item.reason, item.detail)
             return
         try:
@@ -384,17 +479,8 @@ class _Collector:
         ):
             self.pairs[name].append(value)
 
-    def _validate(self, item: _RawRow) -> ValidPair:
-        image_0, image_1 = item.image_0, item.image_1
-        if item.folder is not None:
-            # Check caption and label before touching the file system: the cheaper reason wins.
-            _check_caption_and_label(item.caption, item.label_0)
-            image_0 = read_image_file(item.folder, image_0, 0)
-            image_1 = read_image_file(item.folder, image_1, 1)
-        return validate_pair(
-            item.caption, image_0, image_1, item.label_0,
-            max_image_pixels=self.max_image_pixels, max_aspect_ratio=self.max_aspect_ratio,
-        )
+    def _validate(self, item: RawRow) -> ValidPair:
+        return check_row(item, max_image_pixels=self.max_image_pixels, max_aspect_ratio=self.max_aspect_ratio)
 
     def _quarantine(self, source: str, row: int, reason: str, detail: str) -> None:
         self.counts["quarantined"] += 1
