@@ -465,13 +465,15 @@ class PairFeatureJoin:
         }
 
 
-def read_training_dataset(store_uri: str, *, split: str = "train"):
+def read_training_dataset(store_uri: str, *, split: str = "train", pair_ids: Sequence[str] | None = None):
     """A ``ray.data.Dataset`` of the logical training rows of ``split`` ("train" or "holdout").
 
     Rows: ``pair_id`` str; ``latents_w``, ``latents_l`` float16 [C, h, w]; ``prompt_embeds`` float16 [77, D];
     ``pooled_prompt_embeds`` float16 [P] (zero-length for SD1.5); ``add_time_ids_w``, ``add_time_ids_l`` float32
     [6] (per image: winner and loser may differ in original size and crop, an improvement on DESIGN's single
     ``add_time_ids``); ``clip_text``, ``clip_image_w``, ``clip_image_l`` float32 [E].
+
+    ``pair_ids`` (optional) keeps only those pairs of the split: re-alignment's chosen mix of new and old pairs.
 
     Only shards listed in the manifest are read. The stages ask for a quarter CPU each so the dataset streams
     beside Ray Train workers on a 2-CPU node (two workers of 0.5 CPU) instead of waiting for a whole core.
@@ -489,6 +491,8 @@ def read_training_dataset(store_uri: str, *, split: str = "train"):
     # that cannot be scheduled beside Ray Train workers on a small node; the heavy features are read by the actors.
     pairs = store.read_table(manifest, "pairs", columns=columns)
     pairs = pairs.filter(pc.equal(pairs.column("split"), split))
+    if pair_ids is not None:
+        pairs = pairs.filter(pc.is_in(pairs.column("pair_id"), pa.array(sorted(set(pair_ids)), pa.string())))
     if pairs.num_rows == 0:
         return ray.data.from_items([])  # a store with no pairs in this split: an empty dataset, not an error
     blocks = [pairs.slice(start, PAIR_BLOCK_ROWS) for start in range(0, pairs.num_rows, PAIR_BLOCK_ROWS)]

@@ -60,6 +60,25 @@ def metrics_logger(cfg: AlignConfig, run_uri: str) -> MetricsLogger:
     return MetricsLogger(run_uri, mlflow_uri=mlflow_uri, experiment=cfg.name, params=flatten_settings(cfg.to_dict()))
 
 
+def training_pairs(cfg: AlignConfig, manifest: dict[str, Any]) -> tuple[list[str] | None, int]:
+    """(pair_ids to train on or None for all, their count): ``train.pair_ids`` names a Parquet file of store pairs."""
+    if cfg.train.pair_ids is None:
+        return None, manifest["counts"]["train"]
+    import pyarrow.parquet as pq
+
+    from pipeline.precompute.store import FeatureStore
+    from pipeline.storage import filesystem
+
+    fs, path = filesystem(cfg.train.pair_ids)
+    wanted = set(pq.read_table(path, columns=["pair_id"], filesystem=fs).column("pair_id").to_pylist())
+    pairs = FeatureStore(cfg.store_uri).read_table(manifest, "pairs", columns=["pair_id", "split"]).to_pydict()
+    chosen = sorted(p for p, split in zip(pairs["pair_id"], pairs["split"]) if split == "train" and p in wanted)
+    if len(chosen) < len(wanted):
+        raise ValueError(f"train.pair_ids {cfg.train.pair_ids}: {len(wanted) - len(chosen)} of its {len(wanted)} "
+                         f"pair_ids are not train pairs of the store {cfg.store_uri}; list only pairs it holds")
+    return chosen, len(chosen)
+
+
 def run_training(cfg: AlignConfig) -> TrainResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -67,13 +86,14 @@ def run_training(cfg: AlignConfig) -> TrainResult:
     from pipeline.precompute import read_manifest, read_training_dataset, resolve_model_path
 
     manifest = read_manifest(cfg.store_uri)
-    train = read_training_dataset(cfg.store_uri, split="train")
-    if manifest["counts"]["train"] <= cfg.train.materialize_max_pairs:
+    pair_ids, train_rows = training_pairs(cfg, manifest)
+    train = read_training_dataset(cfg.store_uri, split="train", pair_ids=pair_ids)
+    if train_rows <= cfg.train.materialize_max_pairs:
         train = train.materialize()
     plan = WorkerPlan(
         model_path=resolve_model_path(cfg),
         kind=manifest["model"]["kind"],
-        train_rows=manifest["counts"]["train"],
+        train_rows=train_rows,
         model_out=model_uri(cfg),
         holdout=holdout_sample(cfg, manifest),
     )
