@@ -1,0 +1,115 @@
+"""Finding a scorer's published weights (a local path or the Hugging Face hub) and checking that they fit.
+
+Every failure here names the scorer, the path expected, where the real file comes from and which config key to
+set: a reward model that silently ran with random or half-loaded weights would give confident, meaningless scores.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# "owner/repo" (a folder: the whole repo) or "owner/repo/path/in/repo" (one file).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.+-]+)*$")
+
+
+class WeightsNotFound(FileNotFoundError):
+    """A scorer's weights are not where the config says (or not given); the message says where they come from."""
+
+
+def not_found(scorer: str, spec: str | None, *, source: str, key: str = "weights", why: str = "") -> WeightsNotFound:
+    where = f"not found at {spec!r}" if spec else "not given"
+    why = f" ({why})" if why else ""
+    return WeightsNotFound(
+        f"{scorer} scorer: weights {where}{why}. The real ones are {source}. Download them and set "
+        f"evaluate.{scorer}.{key}=<local path> (or a hub id where the source is on the Hugging Face hub), "
+        f"e.g. --set evaluate.{scorer}.{key}=/models/..."
+    )
+
+
+def _is_local(spec: str) -> bool:
+    """A path the user means as local: it exists, or it cannot be a hub id."""
+    return Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~")) or not _HUB_ID.match(spec)
+
+
+def resolve_file(spec: str | None, *, scorer: str, source: str, key: str = "weights") -> Path:
+    """A local file, or 'owner/repo/file' fetched (or found in the cache, offline) from the hub."""
+    if not spec:
+        raise not_found(scorer, spec, source=source, key=key)
+    if _is_local(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise not_found(scorer, spec, source=source, key=key, why="no such file")
+        return path
+    parts = spec.split("/")
+    if len(parts) < 3:
+        raise not_found(scorer, spec, source=source, key=key,
+                        why="a hub id here must name the file too: owner/repo/file")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+    except Exception as err:  # offline, not cached, no such repo or file: all mean "not here"
+        raise not_found(scorer, spec, source=source, key=key, why=f"no local file, and the hub said: {err}") from err
+
+
+def resolve_folder(spec: str | None, *, scorer: str, source: str, key: str = "weights",
+                   allow_patterns: list[str] | None = None) -> Path:
+    """A local folder, or a hub repo id fetched (or found in the cache, offline) as a snapshot."""
+    if not spec:
+        raise not_found(scorer, spec, source=source, key=key)
+    if _is_local(spec):
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise not_found(scorer, spec, source=source, key=key, why="no such folder")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=allow_patterns))
+    except Exception as err:
+        raise not_found(scorer, spec, source=source, key=key, why=f"no local folder, and the hub said: {err}") from err
+
+
+def read_torch_file(path: Path, *, scorer: str, source: str, key: str = "weights") -> Any:
+    """torch.load without executing pickled code (published checkpoints hold only tensors, dicts and numbers)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{scorer} scorer: {path} is not a readable PyTorch weights file ({err}). Expected {source}; "
+            f"set evaluate.{scorer}.{key} to that file."
+        ) from err
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], got: Any, *, scorer: str, path: Path | str, source: str,
+                     key: str = "weights", arch: str = "") -> None:
+    """Raise a ValueError listing a few offending keys unless ``got`` has exactly ``expected``'s keys and shapes."""
+    if not isinstance(got, dict) or not all(isinstance(v, torch.Tensor) for v in got.values()):
+        raise ValueError(f"{scorer} scorer: {path} does not hold a state dict of tensors. Expected {source}; "
+                         f"set evaluate.{scorer}.{key} to that file.")
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    if not (missing or unexpected or shapes):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {_few(unexpected)})")
+    if shapes:
+        problems.append("wrong shapes: " + ", ".join(
+            f"{k} {tuple(got[k].shape)} instead of {tuple(expected[k].shape)}" for k in shapes[:3]))
+    arch = f" the {arch} architecture" if arch else " the scorer's architecture"
+    raise ValueError(
+        f"{scorer} scorer: the weights in {path} do not fit{arch}: keys {'; '.join(problems)}. Expected {source}; "
+        f"set evaluate.{scorer}.{key} to that file (and evaluate.{scorer}.arch to the architecture it was made for)."
+    )
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
