@@ -278,3 +278,18 @@ def _as_pil(image: ImageLike) -> Image.Image:
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected a PIL image or an HxWx3 uint8 array, got shape {array.shape} dtype {array.dtype}")
     return Image.fromarray(array)
+
+
+def resolve_data_source(cfg) -> str:
+    """The preference table a config (``AlignConfig``) means: "toy" is generated (same config, same bytes) under
+    the run folder; anything else is returned as is."""
+    if cfg.data.source != "toy":
+        return cfg.data.source
+    from pipeline.storage import local_run_dir
+
+    d = cfg.data
+    path = make_toy_world(
+        local_run_dir(cfg.run_dir, cfg.name) / "toy_world", n_pairs=d.toy_pairs, resolution=d.toy_resolution,
+        target_style=d.toy_target_style, seed=d.toy_seed,
+    )
+    return str(path)

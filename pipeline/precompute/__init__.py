@@ -1,13 +1,8 @@
-"""Precompute: preference table -> feature store (Ray Data encoder actors), and the readers training uses."""
+"""Precompute: preference table -> feature store (Ray Data, streamed), and the readers training uses."""
 
-from pipeline.precompute.run import (
-    format_summary,
-    resolve_data_source,
-    resolve_model_path,
-    resolve_store_uri,
-    run_precompute,
-    store_settings,
-)
+from pipeline.data.toy import resolve_data_source
+from pipeline.models.resolve import resolve_model_path, tiny_model_dir
+from pipeline.precompute.run import format_summary, resolve_store_uri, run_precompute, store_settings
 from pipeline.precompute.store import (
     FeatureStore,
     StoreMismatchError,
@@ -23,9 +18,10 @@ __all__ = [
     "load_empty_prompt",
     "read_manifest",
     "read_training_dataset",
-    "resolve_data_source",
-    "resolve_model_path",
+    "resolve_data_source",  # moved to pipeline.data.toy; re-exported for callers
+    "resolve_model_path",  # moved to pipeline.models.resolve; re-exported for callers
     "resolve_store_uri",
     "run_precompute",
     "store_settings",
+    "tiny_model_dir",
 ]

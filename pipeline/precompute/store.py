@@ -262,8 +262,9 @@ def assign_split(pair_id: str, holdout_fraction: float) -> str:
     return "holdout" if draw < holdout_fraction else "train"
 
 
-def committed_pair_ids(manifest: dict[str, Any]) -> set[str]:
-    return {pid for shard in manifest["tables"]["pairs"] for pid in shard["pair_ids"]}
+def committed_pair_ids(store: "FeatureStore", manifest: dict[str, Any]) -> set[str]:
+    """Every committed pair id (read from the pair shards: the manifest lists shards and counts, not ids)."""
+    return store.keys(manifest, "pairs")
 
 
 # ------------------------------------------------------------------------------------------------- store
@@ -313,7 +314,6 @@ class FeatureStore:
             pq.write_table(rows, final, filesystem=self.fs)  # an object appears only once its upload completes
         entry: dict[str, Any] = {"path": relative, "rows": rows.num_rows}
         if table == "pairs":
-            entry["pair_ids"] = rows.column("pair_id").to_pylist()
             splits = rows.column("split").to_pylist()
             entry["splits"] = {split: splits.count(split) for split in SPLITS}
         return entry

@@ -28,7 +28,6 @@ from pipeline.precompute import (
     store_settings,
 )
 from pipeline.precompute.stages import prepare_image, vae_input
-from pipeline.precompute.run import encode_rows, encoder_spec, pair_rows
 from pipeline.precompute.store import committed_pair_ids, new_manifest, sibling_store_uri, stacked_tensors
 
 RESOLUTION = 32  # the store resolution the world's config sets (tests/precompute/conftest.py)
@@ -178,7 +177,7 @@ def test_grown_table_encodes_only_new_rows_and_quarantines_bad_ones(world, first
     manifest = read_manifest(str(store))
     for table in ("texts", "images", "pairs"):  # appended: the old shards are kept as they were
         assert manifest["tables"][table][: len(before["tables"][table])] == before["tables"][table]
-    assert committed_pair_ids(manifest) == _pair_ids(load.pairs)  # every good row is there
+    assert committed_pair_ids(FeatureStore(str(store)), manifest) == _pair_ids(load.pairs)  # every good row is there
     assert manifest["counts"]["pairs"] == manifest["counts"]["train"] + manifest["counts"]["holdout"]
 
     n = len(toy)
@@ -193,45 +192,75 @@ def test_grown_table_encodes_only_new_rows_and_quarantines_bad_ones(world, first
     assert latents.shape == (1, 4, 4, 4)
 
 
-def test_crash_before_commit_hides_everything_and_rerun_completes(world, tmp_path, ray_session):
+def crash_world(world, folder: Path) -> Path:
+    """A table of two files: 4 good rows, then 2 good rows and one with a bad label (it writes a quarantine shard)."""
+    folder.mkdir(parents=True)
+    toy = pq.read_table(world.toy_table)
+    pq.write_table(toy.slice(0, 4), folder / "a.parquet")
+    b = toy.slice(4, 2).to_pylist()
+    pq.write_table(pa.Table.from_pylist(b + [dict(b[0], label_0=2.0)]), folder / "b.parquet")
+    return folder
+
+
+def test_crash_mid_run_hides_everything_and_rerun_completes(world, tmp_path, ray_session, monkeypatch):
+    import pipeline.precompute.run as run_module
+
+    monkeypatch.setattr(run_module, "COMMIT_EVERY_S", 0.0)  # commit finished features after every record batch
     store = tmp_path / "features"
     store.mkdir()
-    (store / "pairs").write_text("a file where the pairs folder goes: writing pair shards fails")
-    cfg = world.config(store, f"data.source={world.subset(tmp_path / 'data', 4)}")
-    with pytest.raises(OSError):
+    (store / "quarantine").write_text("a file where the quarantine folder goes: writing its shard fails mid-run")
+    cfg = world.config(store, f"data.source={crash_world(world, tmp_path / 'data')}", "precompute.batch_size=2",
+                       "precompute.rows_per_shard=2")
+    with pytest.raises(Exception, match="quarantine"):
         run_precompute(cfg)
-    crashed = read_manifest(str(store))  # texts and images were committed before the crash ...
-    assert crashed["counts"]["images"] > 0 and crashed["counts"]["texts"] > 0
-    assert crashed["counts"]["pairs"] == 0 and read_training_dataset(str(store)).count() == 0  # ... no pair is
+    crashed = FeatureStore(str(store)).read_manifest()
+    if crashed is not None:  # features that finished before the crash may be committed; no pair is
+        assert crashed["counts"]["pairs"] == 0 and read_training_dataset(str(store)).count() == 0
+    (store / "images").mkdir(exist_ok=True)
     (store / "images" / ".tmp-half-written.parquet").write_bytes(b"PAR1 a shard cut short by the crash")
 
-    (store / "pairs").unlink()
+    (store / "quarantine").unlink()
     summary = run_precompute(cfg)
-    assert summary["new_images"] == 0 and summary["new_texts"] == 0  # nothing encoded twice
-    assert summary["orphans_removed"] == 1 and not (store / "images" / ".tmp-half-written.parquet").exists()
-    expected = set(load_preferences(cfg.data.source).pairs.column("pair_id").to_pylist())
-    assert summary["new_pairs"] == len(expected) and committed_pair_ids(read_manifest(str(store))) == expected
-    assert caption_hash("") in FeatureStore(str(store)).keys(crashed, "texts")
+    before = crashed["counts"]["images"] if crashed else 0
+    load = load_preferences(cfg.data.source)
+    images = {image_hash(b) for column in ("image_w", "image_l") for b in load.pairs.column(column).to_pylist()}
+    assert summary["new_images"] == len(images) - before  # nothing encoded twice
+    assert summary["orphans_removed"] >= 1 and not (store / "images" / ".tmp-half-written.parquet").exists()
+    expected = _pair_ids(load.pairs)
+    manifest = read_manifest(str(store))
+    assert summary["new_pairs"] == len(expected) == manifest["counts"]["pairs"]
+    assert committed_pair_ids(FeatureStore(str(store)), manifest) == expected
+    assert manifest["counts"]["images"] == len(images) and manifest["counts"]["quarantine"] == 1
+    assert caption_hash("") in FeatureStore(str(store)).keys(manifest, "texts")
+    assert len(_all_rows(str(store))) == len(expected)
 
 
-def test_images_that_fail_to_decode_quarantine_their_pairs_and_never_stop_the_run(world, tmp_path, ray_session):
+def test_images_that_fail_to_decode_quarantine_their_pairs_and_never_stop_the_run(world, tmp_path):
     """Defence in depth: the table reader decodes every image too, so here the bytes go straight to the stages."""
+    from pipeline.precompute.stream import (ITEM_SCHEMA, FeatureEncoder, decode_items, drop_pairs_with_bad_images,
+                                            write_feature_shards)
+    from pipeline.precompute.run import encoder_spec
+
     cfg = world.config(tmp_path / "features")
     settings = store_settings(cfg, world.model_path)
-    store = FeatureStore(str(tmp_path / "features"))
     good, other = pq.read_table(world.toy_table).slice(0, 1).to_pylist()[0]["jpg_0"], b"junk, not an image"
-    images = pa.table({"image_hash": [image_hash(good), image_hash(other)], "image": [good, other]})
-    manifest, bad = encode_rows(store, new_manifest(settings), images, "images", cfg,
-                                encoder_spec(cfg, world.model_path, settings))
-    assert list(bad) == [image_hash(other)] and bad[image_hash(other)][0] == "undecodable_image"
-    assert store.keys(read_manifest(store.uri), "images") == {image_hash(good)} == store.keys(manifest, "images")
+    items = pa.table({"kind": ["image", "image", "text"], "key": [image_hash(good), image_hash(other), "c"],
+                      "caption": [None, None, "a caption"], "image": [good, other, None]}, schema=ITEM_SCHEMA)
+    decoded = decode_items(items, resolution=RESOLUTION, max_image_pixels=cfg.data.max_image_pixels)
+    features = FeatureEncoder(encoder_spec(cfg, world.model_path, settings))(decoded)
+    records = write_feature_shards(features, store_uri=str(tmp_path / "features")).to_pylist()
+    by_key = {r["key"]: r for r in records}
+    assert by_key[image_hash(other)]["reason"] == "undecodable_image" and by_key[image_hash(other)]["shard"] == ""
+    assert by_key[image_hash(good)]["shard"].startswith("images/") and by_key["c"]["shard"].startswith("texts/")
 
+    bad = {image_hash(other): ("undecodable_image", "not an image")}
     pairs = pa.Table.from_pylist([
-        {"pair_id": "ok", "caption": "c", "image_w": good, "image_l": good, "label_0": 1.0, "source": "t", "row": 0},
-        {"pair_id": "bad", "caption": "c", "image_w": good, "image_l": other, "label_0": 1.0, "source": "t", "row": 1},
-    ], schema=PAIR_SCHEMA)
-    kept, quarantined = pair_rows(pairs, bad, holdout_fraction=0.0)
-    assert kept.column("pair_id").to_pylist() == ["ok"] and kept.column("split").to_pylist() == ["train"]
-    assert quarantined.to_pylist()[0] | {"detail": ""} == {
-        "source": "t", "row": 1, "reason": "undecodable_image", "detail": "", "pair_id": "bad"}
-    assert quarantined.column("detail")[0].as_py().startswith("image_l ")
+        {"pair_id": "ok", "caption_hash": "c", "image_w_hash": image_hash(good), "image_l_hash": image_hash(good),
+         "split": "train", "source": "t", "row": 0},
+        {"pair_id": "bad", "caption_hash": "c", "image_w_hash": image_hash(good), "image_l_hash": image_hash(other),
+         "split": "train", "source": "t", "row": 1},
+    ])
+    kept, quarantined = drop_pairs_with_bad_images(pairs, bad)
+    assert kept.column("pair_id").to_pylist() == ["ok"]
+    assert quarantined.to_pylist() == [{"source": "t", "row": 1, "reason": "undecodable_image",
+                                        "detail": "image_l not an image", "pair_id": "bad"}]

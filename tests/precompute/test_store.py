@@ -95,7 +95,7 @@ def test_shards_round_trip_bitwise_and_leave_no_temp_files(tmp_path):
     assert latents.shape == (2, 4, 8, 8)
     assert {p.name for p in (tmp_path / "store" / "images").iterdir()} == {manifest["tables"]["images"][0]["path"][7:]}
     assert manifest["counts"] == {"texts": 3, "images": 3, "pairs": 3, "quarantine": 0, "train": 2, "holdout": 1}
-    assert manifest["tables"]["pairs"][0]["pair_ids"] == ["p0", "p1", "p2"]
+    assert store.read_table(manifest, "pairs").column("pair_id").to_pylist() == ["p0", "p1", "p2"]
     assert manifest["model"]["kind"] == "sdxl"
 
 

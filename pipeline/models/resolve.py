@@ -1,0 +1,31 @@
+"""Which diffusers pipeline a config means: "tiny" is built (seeded, fitted to the toy world) under the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import AlignConfig
+from pipeline.storage import local_run_dir
+
+
+def tiny_model_dir(cfg: AlignConfig) -> Path:
+    """Where "tiny" is built. The name carries the fit settings, so another setting builds another model and never
+    reuses a stale one."""
+    steps = cfg.model.tiny_fit_steps
+    fit = f"_fit{steps}x{cfg.precompute.resolution}" if steps else ""
+    kind = "_sd15" if cfg.model.kind == "sd15" else ""
+    return local_run_dir(cfg.run_dir, cfg.name) / f"tiny_model{kind}{fit}"
+
+
+def resolve_model_path(cfg: AlignConfig) -> str:
+    """The diffusers pipeline to load: "tiny" is built (once, seeded, its UNet fitted to the toy world for
+    model.tiny_fit_steps) under the run folder; a local folder is made absolute (Ray workers do not share the
+    driver's working directory); a hub id is returned as is."""
+    if cfg.model.pretrained != "tiny":
+        local = Path(cfg.model.pretrained).expanduser()
+        return str(local.resolve()) if local.exists() else cfg.model.pretrained
+    from pipeline.models.tiny import build_tiny_sd15, build_tiny_sdxl
+
+    build = build_tiny_sd15 if cfg.model.kind == "sd15" else build_tiny_sdxl
+    return str(build(tiny_model_dir(cfg), toy_fit_steps=cfg.model.tiny_fit_steps,
+                     toy_fit_resolution=cfg.precompute.resolution))
