@@ -76,6 +76,8 @@ def build_scorer(name: str, *, weights: str | None = None, backbone: str | None 
 def save_tiny_twin(name: str, out_dir: str | Path) -> dict:
     """Write a tiny random-weight twin of scorer ``name`` in its published file format under ``out_dir``; return
     the {"weights", "backbone", "arch"} that ``build_scorer(name, **kwargs)`` loads it with."""
+    if name not in SCORER_NAMES:
+        raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(SCORER_NAMES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if name == "clip":
@@ -114,6 +116,7 @@ def load_open_clip(scorer: str, arch: str, pretrained: str | None, *, device: st
     """ClipEmbedder(arch, pretrained) with the scorers' errors: a tag that cannot be fetched or a missing file is
     WeightsNotFound, a file whose state dict does not fit ``arch`` a ValueError listing keys."""
     import open_clip
+    import open_clip.factory
 
     is_tag = bool(pretrained) and arch != TINY_NAME and pretrained in open_clip.list_pretrained_tags_by_model(arch)
     if pretrained and not is_tag and not Path(pretrained).expanduser().is_file():
@@ -126,7 +129,7 @@ def load_open_clip(scorer: str, arch: str, pretrained: str | None, *, device: st
             raise not_found(scorer, pretrained, source=source, key=key, why=str(err)) from err
         if pretrained and "state_dict" in str(err):
             expected = ClipEmbedder(arch, None, device="cpu").model.state_dict()
-            got = open_clip.load_state_dict(pretrained)  # open_clip's own reading ('state_dict' key, 'module.')
+            got = open_clip.factory.load_state_dict(pretrained)  # open_clip's own reading ('state_dict', 'module.')
             check_state_dict(expected, got, scorer=scorer, path=pretrained, source=source, key=key, arch=arch)
         raise
 
