@@ -59,11 +59,8 @@ COMMIT_EVERY_S = 60.0  # a crash loses at most this much finished encoding work
 __all__ = ["local_run_dir", "resolve_data_source", "resolve_model_path", "tiny_model_dir"]  # moved; still here
 
 
-def store_settings(cfg: AlignConfig, model_path: str) -> dict[str, Any]:
-    """Everything that decides the stored values; two stores with equal settings are interchangeable."""
-    from diffusers import AutoencoderKL
-
-    from pipeline.models.clip import ClipEmbedder
+def model_settings(cfg: AlignConfig, model_path: str) -> dict[str, Any]:
+    """The model's identity as a store records it: source, kind, weights hash (+ hub commit), variant."""
     from pipeline.models.loader import model_identity
 
     identity = model_identity(model_path, revision=cfg.model.revision)
@@ -72,9 +69,18 @@ def store_settings(cfg: AlignConfig, model_path: str) -> dict[str, Any]:
             f"model.kind is {cfg.model.kind!r} but {model_path} is a {identity['kind']} pipeline; "
             f"set model.kind to 'auto' or {identity['kind']!r}"
         )
+    return {**identity, "variant": cfg.model.variant}
+
+
+def store_settings(cfg: AlignConfig, model_path: str) -> dict[str, Any]:
+    """Everything that decides the stored values; two stores with equal settings are interchangeable."""
+    from diffusers import AutoencoderKL
+
+    from pipeline.models.clip import ClipEmbedder
+
     vae_config = AutoencoderKL.load_config(model_path, subfolder="vae", revision=cfg.model.revision)
     return {
-        "model": {**identity, "variant": cfg.model.variant},
+        "model": model_settings(cfg, model_path),
         "clip": ClipEmbedder(cfg.model.clip_model, cfg.model.clip_pretrained).identity,
         "resolution": cfg.precompute.resolution,
         "encoder": {

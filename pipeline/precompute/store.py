@@ -230,6 +230,26 @@ def check_settings(manifest: dict[str, Any], settings: dict[str, Any], store_uri
     )
 
 
+def check_store_model(manifest: dict[str, Any], model: dict[str, Any], store_uri: str) -> None:
+    """Raise StoreMismatchError when the store's features were made by another model than ``model`` (the run's
+    ``model_settings``): another weights hash, kind, hub commit or variant. The source path alone may differ
+    (the same weights under another folder are the same model)."""
+    stored = manifest.get("model") or {}
+    keys = sorted((set(stored) | set(model)) - {"source"})
+    differing = [key for key in keys if stored.get(key) != model.get(key)]
+    if not differing:
+        return
+    def describe(m: dict[str, Any]) -> str:
+        return ", ".join(f"{key}={m.get(key)!r}" for key in ["source", *keys])
+
+    raise StoreMismatchError(
+        f"feature store {store_uri} was made by another model ({', '.join(differing)} differ): the store has "
+        f"[{describe(stored)}], this run's model.pretrained is [{describe(model)}]. Its latents and embeddings do not "
+        f"fit this model: re-run precompute for this model (another precompute.store), or set model.pretrained, "
+        f"model.revision and model.variant to the store's model."
+    )
+
+
 # ---------------------------------------------------------------------------------------------- manifest
 
 
@@ -475,7 +495,7 @@ def read_training_dataset(store_uri: str, *, split: str = "train", pair_ids: Seq
 
     ``pair_ids`` (optional) keeps only those pairs of the split: re-alignment's chosen mix of new and old pairs.
 
-    Only shards listed in the manifest are read. The stages ask for a quarter CPU each so the dataset streams
+    ``pair_ids`` limits the rows to those pairs (in store order). Only shards listed in the manifest are read. The stages ask for a quarter CPU each so the dataset streams
     beside Ray Train workers on a 2-CPU node (two workers of 0.5 CPU) instead of waiting for a whole core.
     """
     import ray

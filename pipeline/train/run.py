@@ -84,8 +84,12 @@ def run_training(cfg: AlignConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from pipeline.precompute import read_manifest, read_training_dataset, resolve_model_path
+    from pipeline.precompute.run import model_settings
+    from pipeline.precompute.store import check_store_model
 
     manifest = read_manifest(cfg.store_uri)
+    # A store made by another base model would train silently on features that do not fit it.
+    check_store_model(manifest, model_settings(cfg, resolve_model_path(cfg)), cfg.store_uri)
     pair_ids, train_rows = training_pairs(cfg, manifest)
     train = read_training_dataset(cfg.store_uri, split="train", pair_ids=pair_ids)
     if train_rows <= cfg.train.materialize_max_pairs:
