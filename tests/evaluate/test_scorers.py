@@ -178,9 +178,11 @@ def test_reward_models_need_their_weights_named(name):
         build_scorer(name)
 
 
-def test_a_hub_id_that_is_not_in_the_offline_cache_is_weights_not_found():
+def test_hub_ids_and_open_clip_tags_not_in_the_offline_cache_are_weights_not_found():
     with pytest.raises(WeightsNotFound, match="hpsv2 scorer.*xswu/HPSv2/HPS_v2.1_compressed.pt.*hub said"):
         build_scorer("hpsv2", weights="xswu/HPSv2/HPS_v2.1_compressed.pt", arch="tiny")
+    with pytest.raises(WeightsNotFound, match="clip scorer: weights not found at 'openai'.*evaluate.clip.weights"):
+        build_scorer("clip", weights="openai", arch="ViT-B-32")  # open_clip fails before building the model
 
 
 def test_a_missing_aesthetic_backbone_file_names_the_backbone_key(twins, tmp_path):
