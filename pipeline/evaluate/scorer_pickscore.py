@@ -86,7 +86,8 @@ class PickScoreScorer:
         image_inputs = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
         text_inputs = self.processor(text=list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS,
                                      return_tensors="pt")
-        image_embeds = _projected(self.model.get_image_features(pixel_values=image_inputs["pixel_values"].to(self.device)))
+        pixels = image_inputs["pixel_values"].to(self.device)
+        image_embeds = _projected(self.model.get_image_features(pixel_values=pixels))
         text_embeds = _projected(self.model.get_text_features(**{k: v.to(self.device) for k, v in text_inputs.items()}))
         cosine = (F.normalize(image_embeds.float(), dim=-1) * F.normalize(text_embeds.float(), dim=-1)).sum(-1)
         return (self.model.logit_scale.exp().float() * cosine).double().cpu().numpy()

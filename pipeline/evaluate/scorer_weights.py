@@ -47,7 +47,7 @@ def resolve_file(spec: str | None, *, scorer: str, source: str, key: str = "weig
     parts = spec.split("/")
     if len(parts) < 3:
         raise not_found(scorer, spec, source=source, key=key,
-                        why="a hub id here must name the file too: owner/repo/file")
+                        why="no such local file; a hub id here names the file too: owner/repo/file")
     from huggingface_hub import hf_hub_download
 
     try:

@@ -5,14 +5,14 @@
 
 What the three config fields (evaluate.<name>.weights / backbone / arch) mean for each scorer:
 
-| scorer      | weights                                   | backbone                                 | arch                       |
-| clip        | open_clip pretrained tag or local file    | -                                        | open_clip name, or "tiny"  |
-| pickscore   | CLIPModel folder or hub id                | processor folder or hub id (if the       | -                          |
-|             |                                           | weights folder has none)                 |                            |
-| hpsv2       | HPS checkpoint file or owner/repo/file    | -                                        | open_clip name (ViT-H-14)  |
-| aesthetic   | MLP head .pth or owner/repo/file          | open_clip tag or file for the CLIP       | open_clip name (ViT-L-14)  |
-| imagereward | see pipeline/evaluate/imagereward.py      |                                          |                            |
-| style       | - (the toy world's hand-made scorer)      | -                                        | -                          |
+- clip: weights = an open_clip pretrained tag or a local weights file; arch = an open_clip model name, or "tiny"
+  (the project's tiny OpenCLIP, pipeline/models/clip.py).
+- pickscore: weights = a CLIPModel folder or hub id; backbone = the processor's folder or hub id, used when the
+  weights folder has no processor files (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+- hpsv2: weights = the HPS checkpoint file or owner/repo/file; arch = the open_clip model (default ViT-H-14).
+- aesthetic: weights = the MLP head .pth or owner/repo/file; backbone = the CLIP's open_clip tag or weights file
+  (default "openai"); arch = the CLIP's open_clip model (default ViT-L-14).
+- imagereward: see pipeline/evaluate/imagereward.py. style: no weights (the toy world's hand-made scorer).
 
 Reward models need their weights named (None is an error that says where they come from); a hub id is fetched by
 huggingface_hub, or found in its cache when offline. ``save_tiny_twin(name, dir)`` writes a random-weight twin of
@@ -120,7 +120,8 @@ def load_open_clip(scorer: str, arch: str, pretrained: str | None, *, device: st
 
     is_tag = bool(pretrained) and arch != TINY_NAME and pretrained in open_clip.list_pretrained_tags_by_model(arch)
     if pretrained and not is_tag and not Path(pretrained).expanduser().is_file():
-        raise not_found(scorer, pretrained, source=source, key=key, why=f"neither a file nor a pretrained tag of {arch}")
+        raise not_found(scorer, pretrained, source=source, key=key,
+                        why=f"neither a file nor a pretrained tag of {arch}")
     try:
         return ClipEmbedder(arch, str(Path(pretrained).expanduser()) if pretrained and not is_tag else pretrained,
                             device=device)
@@ -135,8 +136,8 @@ def load_open_clip(scorer: str, arch: str, pretrained: str | None, *, device: st
 
 
 def save_tiny_open_clip(path: Path, seed: int = TWIN_SEED) -> Path:
-    """The project's tiny open_clip architecture with random weights drawn under TWIN_SEED (not ClipEmbedder's
-    seed, so a test can tell the file was loaded; ``seed`` tells twins apart), as an open_clip weights file: a plain state dict. Stored in
+    """The project's tiny open_clip architecture with random weights drawn under ``seed`` (not ClipEmbedder's
+    seed, so a test can tell the file was loaded), as an open_clip weights file: a plain state dict. Stored in
     float16, which open_clip casts back on loading, to keep twins under 5 MB."""
     import open_clip
 

@@ -194,8 +194,9 @@ def test_state_dicts_with_a_wrong_key_set_are_refused_with_the_keys(twins, tmp_p
     hps = torch.load(twins["hpsv2"]["weights"], weights_only=True)
     hps["state_dict"]["visual.extra_head.weight"] = hps["state_dict"].pop("visual.proj")
     torch.save(hps, tmp_path / "hps.pt")
-    with pytest.raises(ValueError, match=r"hpsv2 scorer: .*hps\.pt.*1 missing \(e\.g\. visual\.proj\).*"
-                                         r"1 unexpected \(e\.g\. visual\.extra_head\.weight\).*evaluate\.hpsv2\.weights"):
+    expected = (r"hpsv2 scorer: .*hps\.pt.*1 missing \(e\.g\. visual\.proj\).*"
+                r"1 unexpected \(e\.g\. visual\.extra_head\.weight\).*evaluate\.hpsv2\.weights")
+    with pytest.raises(ValueError, match=expected):
         build_scorer("hpsv2", weights=str(tmp_path / "hps.pt"), arch="tiny")
 
     head = torch.load(twins["aesthetic"]["weights"], weights_only=True)
