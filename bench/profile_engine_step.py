@@ -48,7 +48,7 @@ def main() -> None:
     for step in range(3):
         trainer.whole_step(rows, step, cfg.loss)
     batch, noise, timesteps = trainer.batch(rows, 3)
-    loss, _ = preference_loss(trainer.engine, None, trainer.reference, trainer.scheduler, batch, noise, timesteps, cfg.loss)
+    loss, _ = preference_loss(trainer.engine, trainer.reference, trainer.scheduler, batch, noise, timesteps, cfg.loss)
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     for name, work in (("engine.backward", lambda: trainer.engine.backward(loss)), ("engine.step", trainer.engine.step)):

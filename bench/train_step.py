@@ -297,7 +297,7 @@ class Trainer:
 
     cfg: Any
     engine: Any
-    reference: torch.nn.Module
+    reference: Any  # pipeline.train.reference.Reference: callable like the UNet
     scheduler: Any
     dtype: torch.dtype
     device: torch.device
@@ -309,18 +309,17 @@ class Trainer:
         from pipeline.train.worker import to_pair_batch
 
         batch = to_pair_batch(rows, sdxl=self.sdxl, device=self.device, dtype=self.dtype)
-        draws = noise_draws.draw(
-            batch.pair_ids, seed=self.cfg.train.seed, step=step, micro_step=0,
-            latent_shape=tuple(batch.latents_w.shape[1:]),
+        draws = noise_draws.draw_for_batch(  # the worker's own helper: same draws, same transfers
+            batch.pair_ids, batch.latents_w, seed=self.cfg.train.seed, step=step, micro_step=0,
             num_train_timesteps=self.scheduler.config.num_train_timesteps, prompt_dropout=0.0,
         )
-        return batch, draws.noise.to(self.device), draws.timesteps.to(self.device)
+        return batch, draws.noise, draws.timesteps
 
     def whole_step(self, rows: dict[str, np.ndarray], step: int, loss_cfg) -> None:
         from pipeline.train.step import preference_loss
 
         batch, noise, timesteps = self.batch(rows, step)
-        loss, _ = preference_loss(self.engine, None, self.reference, self.scheduler, batch, noise, timesteps, loss_cfg)
+        loss, _ = preference_loss(self.engine, self.reference, self.scheduler, batch, noise, timesteps, loss_cfg)
         self.engine.backward(loss)
         self.engine.step()
 

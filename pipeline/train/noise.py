@@ -43,3 +43,31 @@ def draw(
         noise.append(torch.randn(latent_shape, generator=gen))
         drop.append(torch.rand(1, generator=gen) < prompt_dropout)
     return Draws(torch.stack(noise), torch.cat(timesteps), torch.cat(drop))
+
+
+def draw_for_batch(
+    pair_ids: list[str],
+    latents: torch.Tensor,
+    *,
+    seed: int,
+    step: int,
+    micro_step: int,
+    num_train_timesteps: int,
+    prompt_dropout: float,
+) -> Draws:
+    """`draw` for a micro-batch whose latents [B, C, h, w] are on the device: the draws land there too (the noise in
+    float32), copied from pinned memory without waiting for the device on a GPU. The worker and the benches use it."""
+    d = draw(pair_ids, seed=seed, step=step, micro_step=micro_step, latent_shape=tuple(latents.shape[1:]),
+             num_train_timesteps=num_train_timesteps, prompt_dropout=prompt_dropout)
+    device = latents.device
+    return Draws(to_device(d.noise, device), to_device(d.timesteps, device), to_device(d.drop_prompt, device))
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on `device`: on a GPU through pinned memory and a non-blocking copy, since a plain copy from
+    pageable memory makes PyTorch wait for all the device's queued work first; the dtype cast runs on the device."""
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return t if dtype is None else t.to(dtype)

@@ -1,15 +1,14 @@
 """One preference step's maths: the denoising MSE of winner and loser under policy and reference, then the loss.
 
 Everything here works on tensors already on the device; no Ray, no DeepSpeed. The policy is whatever callable
-module DeepSpeed hands back (its forward is the UNet's), the reference either a frozen copy or, for LoRA, the same
-module with its adapters switched off.
+module DeepSpeed hands back (its forward is the UNet's), the reference a `pipeline.train.reference.Reference`
+(a frozen copy, a ZeRO-3 engine, or for LoRA the same module with its adapters switched off).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable
 
 import torch
 
@@ -87,9 +86,62 @@ def pair_mses(
     return mse.chunk(2)
 
 
+@dataclass
+class PairMSEs:
+    """Denoising MSEs [B] of a micro-batch's winners and losers under the policy and the reference."""
+
+    policy_w: torch.Tensor
+    policy_l: torch.Tensor | None  # None: winners only (sft)
+    ref_w: torch.Tensor | None  # None without a reference (sft)
+    ref_l: torch.Tensor | None
+
+
+def policy_and_reference_mses(
+    policy: Callable, reference: Callable | None, scheduler, batch: PairBatch, noise: torch.Tensor,
+    timesteps: torch.Tensor, *, winners_only: bool = False,
+) -> PairMSEs:
+    """One stacked policy forward (with gradients where the caller has them on), then, unless `winners_only`,
+    the reference's forward on the same inputs without gradients (`reference` None: the policy stands in, so
+    every reward is 0, as sft's holdout shows)."""
+    if winners_only:
+        mse_w, _ = pair_mses(policy, scheduler, batch, noise, timesteps, winners_only=True)
+        return PairMSEs(mse_w, None, None, None)
+    mse_w, mse_l = pair_mses(policy, scheduler, batch, noise, timesteps, winners_only=False)
+    with torch.no_grad():
+        ref_w, ref_l = pair_mses(reference or policy, scheduler, batch, noise, timesteps, winners_only=False)
+    return PairMSEs(mse_w, mse_l, ref_w, ref_l)
+
+
+def pair_rewards(m: PairMSEs, *, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit rewards of winners and losers (detached): what both DPO's and RPO's losses compare."""
+    return (losses.implicit_rewards(m.policy_w.detach(), m.ref_w, beta=beta),
+            losses.implicit_rewards(m.policy_l.detach(), m.ref_l, beta=beta))
+
+
+def objective_loss(loss_cfg: LossConfig, m: PairMSEs, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective (rpo, dpo, sft) over a micro-batch's MSEs: the loss and its metrics (device tensors)."""
+    if loss_cfg.objective == "sft":
+        return losses.sft_loss(m.policy_w), {"policy_mse_w": m.policy_w.detach().mean()}
+    if loss_cfg.objective == "dpo":
+        loss = losses.dpo_loss(m.policy_w, m.policy_l, m.ref_w, m.ref_l, beta=loss_cfg.beta)
+        metrics = losses.preference_metrics(*pair_rewards(m, beta=loss_cfg.beta))
+    else:
+        loss, metrics = losses.rpo_loss_global(
+            m.policy_w, m.policy_l, m.ref_w, m.ref_l, batch.clip_text, batch.clip_image_w, batch.clip_image_l,
+            beta=loss_cfg.beta, alpha=loss_cfg.alpha, tau=loss_cfg.tau,
+        )
+    metrics = dict(metrics)
+    metrics.update(
+        policy_mse_w=m.policy_w.detach().mean(),
+        policy_mse_l=m.policy_l.detach().mean(),
+        ref_mse_w=m.ref_w.mean(),
+        ref_mse_l=m.ref_l.mean(),
+    )
+    return loss, metrics
+
+
 def preference_loss(
     policy: Callable,
-    reference_mode: Callable[[], ContextManager] | None,
     reference: Callable | None,
     scheduler,
     batch: PairBatch,
@@ -99,32 +151,20 @@ def preference_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective's loss and its metrics for one micro-batch.
 
-    `reference` is a frozen module (full fine-tune), or None with `reference_mode` a context manager that turns the
-    policy into the reference (LoRA: adapters disabled), so no second copy of the UNet is held.
+    `reference` is a `pipeline.train.reference.Reference` (a frozen copy, a ZeRO-3 engine, or the policy with its
+    LoRA adapters off) or any module called without gradients; None for sft.
     """
-    if loss_cfg.objective == "sft":
-        mse_w, _ = pair_mses(policy, scheduler, batch, noise, timesteps, winners_only=True)
-        return losses.sft_loss(mse_w), {"policy_mse_w": mse_w.detach().mean()}
+    m = policy_and_reference_mses(policy, reference, scheduler, batch, noise, timesteps,
+                                  winners_only=loss_cfg.objective == "sft")
+    return objective_loss(loss_cfg, m, batch)
 
-    mse_w, mse_l = pair_mses(policy, scheduler, batch, noise, timesteps, winners_only=False)
-    with torch.no_grad(), (reference_mode() if reference_mode else contextlib.nullcontext()):
-        ref_w, ref_l = pair_mses(reference or policy, scheduler, batch, noise, timesteps, winners_only=False)
 
-    if loss_cfg.objective == "dpo":
-        loss = losses.dpo_loss(mse_w, mse_l, ref_w, ref_l, beta=loss_cfg.beta)
-        r_w = losses.implicit_rewards(mse_w.detach(), ref_w, beta=loss_cfg.beta)
-        r_l = losses.implicit_rewards(mse_l.detach(), ref_l, beta=loss_cfg.beta)
-        metrics = losses.preference_metrics(r_w, r_l)
-    else:
-        loss, metrics = losses.rpo_loss_global(
-            mse_w, mse_l, ref_w, ref_l, batch.clip_text, batch.clip_image_w, batch.clip_image_l,
-            beta=loss_cfg.beta, alpha=loss_cfg.alpha, tau=loss_cfg.tau,
-        )
-    metrics = dict(metrics)
-    metrics.update(
-        policy_mse_w=mse_w.detach().mean(),
-        policy_mse_l=mse_l.detach().mean(),
-        ref_mse_w=ref_w.mean(),
-        ref_mse_l=ref_l.mean(),
-    )
-    return loss, metrics
+def apply_prompt_dropout(batch: PairBatch, drop: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    """Swap in the empty prompt's embeddings for the pairs where `drop` [B] (bool, on the batch's device) is set.
+
+    `torch.where`, not boolean indexing: indexing with a mask on a GPU asks the host how many rows are set (a sync).
+    """
+    batch.prompt_embeds = torch.where(drop[:, None, None], empty[0].to(batch.prompt_embeds.dtype), batch.prompt_embeds)
+    if batch.pooled_prompt_embeds is not None and empty[1] is not None:
+        batch.pooled_prompt_embeds = torch.where(
+            drop[:, None], empty[1].to(batch.pooled_prompt_embeds.dtype), batch.pooled_prompt_embeds)

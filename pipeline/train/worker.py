@@ -1,14 +1,17 @@
-"""The Ray Train worker loop: setup, train, checkpoint, export (one process per GPU, or per CPU slot here).
+"""The Ray Train worker loop as a recipe: setup, train step, evaluate, save, cleanup (one process per GPU).
 
 Reads the feature store through `ray.train.get_dataset_shard`; never runs the VAE or the text encoders. The model
-is wrapped by `deepspeed.initialize` (ZeRO-2 by default); the reference is a frozen half-precision copy, or for LoRA
-the same UNet with its adapters switched off.
+is wrapped by `deepspeed.initialize` (ZeRO-2 by default, pipeline/train/models.py); the reference is one component
+(pipeline/train/reference.py) and the objective one interface (pipeline/train/step.py) that training and the
+holdout evaluation share.
+
+On a GPU nothing inside a step waits for the device except one read of the non-finite flag, after backward and
+before the optimizer step (a non-finite step is never applied). Metrics stay on the device until a log line reads
+them in one transfer; every collective runs on the worker's device (NCCL rejects CPU tensors).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -18,11 +21,10 @@ import torch
 
 from pipeline.config import AlignConfig
 from pipeline.train import noise as noise_draws
-from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
-from pipeline.train.schedule import lr_multiplier
-from pipeline.train.step import PairBatch, pair_mses, preference_loss
+from pipeline.train.distributed import DeviceMetrics, non_finite_flag, peak_memory_gib
+from pipeline.train.models import LORA_TARGETS, TrainModels  # noqa: F401  (LORA_TARGETS: part of the interface)
+from pipeline.train.step import PairBatch, apply_prompt_dropout, pair_rewards, policy_and_reference_mses, preference_loss
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 HOLDOUT_DRAWS = 4  # noise/timestep draws per held-apart pair: a steadier estimate than one
 # Policy and reference MSEs closer than this count as a tie: two copies of one UNet in fp32 can differ by ~1e-7
 # (other kernels for other memory layouts), which would otherwise read as a won or lost pair at step 0.
@@ -30,6 +32,10 @@ TIE_MSE = 1e-6
 
 
 class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class TrainingOutOfMemoryError(RuntimeError):
     pass
 
 
@@ -44,113 +50,36 @@ class WorkerPlan:
     holdout: Any = None  # ObjectRef of a numpy batch of held-apart rows, or None
 
 
-# ------------------------------------------------------------------------------------------------- setup
-
-
-def _dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
-def _optimizer(cfg: AlignConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=t.lr, scale_parameter=False, relative_step=False, weight_decay=t.weight_decay)
-    # On a GPU, torch's fused AdamW: one kernel over ZeRO's flat fp32 partition (20 ms for SDXL's 2.6B parameters
-    # on an H200, profiled) instead of a chain of elementwise passes.
-    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                             fused=device.type == "cuda")
-
-
 def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
-    import deepspeed
+    """(engine, reference, scheduler, dtype): the models of pipeline.train.models.setup_models, unpacked."""
+    from pipeline.train import models
 
-    from pipeline.models.loader import load_components
+    m = models.setup_models(cfg, plan, device)
+    return m.engine, m.reference, m.scheduler, m.dtype
 
-    parts = load_components(plan.model_path, kind=plan.kind, parts=("unet", "scheduler"), device="cpu")
-    unet, scheduler = parts.unet, parts.scheduler
-    precision = resolve_precision(
-        cfg.train.precision, cuda=device.type == "cuda",
-        bf16_supported=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+
+def out_of_memory_advice(cfg: AlignConfig, where: str) -> str:
+    """What to change when the GPU runs out of memory: the settings that decide memory, and how each helps."""
+    t = cfg.train
+    advice = []
+    if not t.gradient_checkpointing:
+        advice.append("train.gradient_checkpointing=true (SDXL at 1024 px saves ~10x less activation memory)")
+    if t.batch_size_per_worker > 1:
+        advice.append(f"a smaller train.batch_size_per_worker with a larger train.grad_accum_steps (now "
+                      f"{t.grad_accum_steps}) keeps the pairs per step")
+    if t.zero_stage < 3 and t.num_workers > 1:
+        advice.append("train.zero_stage=3 partitions the weights and the reference across the GPUs")
+    if not t.offload_optimizer:
+        advice.append("train.offload_optimizer=true keeps Adam's state in host memory (slower steps)")
+    if t.mode == "full":
+        advice.append("train.mode=lora trains adapters only, with no second UNet")
+    return (
+        f"out of GPU memory {where} at train.batch_size_per_worker={t.batch_size_per_worker} (pairs per GPU per "
+        f"micro-step), train.zero_stage={t.zero_stage}, train.offload_optimizer={str(t.offload_optimizer).lower()}, "
+        f"train.gradient_checkpointing={str(t.gradient_checkpointing).lower()}, train.mode={t.mode}. To fit: "
+        + "; ".join(advice or ["a GPU with more memory"])
+        + ". bench/cost_model.py prints the memory per GPU each setting needs for SDXL and SD1.5."
     )
-    dtype = _dtype(precision)
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    reference = None
-    if cfg.train.mode == "lora":
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(r=cfg.train.lora_rank, lora_alpha=cfg.train.lora_alpha, init_lora_weights="gaussian",
-                       target_modules=LORA_TARGETS)
-        )
-    elif cfg.loss.objective != "sft":
-        reference = copy.deepcopy(unet).requires_grad_(False).eval()
-
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    ds_config = deepspeed_config(cfg.train, precision=precision, num_params=sum(p.numel() for p in unet.parameters()))
-    if reference is not None:
-        reference = frozen_reference(reference, ds_config, device=device, dtype=dtype)
-    schedule = lambda step: lr_multiplier(  # noqa: E731
-        step, warmup_steps=cfg.train.lr_warmup_steps, total_steps=cfg.train.max_steps, schedule=cfg.train.lr_schedule
-    )
-    optimizer = None
-    unet.to(device)  # before the optimizer: a fused optimizer checks that its parameters are on the GPU
-    if cfg.train.offload_optimizer:
-        # ZeRO-Offload needs DeepSpeed's own CPU Adam, built from the config.
-        ds_config["optimizer"] = {
-            "type": "AdamW",
-            "params": {"lr": cfg.train.lr, "betas": [cfg.train.adam_beta1, cfg.train.adam_beta2],
-                       "weight_decay": cfg.train.weight_decay},
-        }
-    else:
-        optimizer = _optimizer(cfg, trainable, device)
-    engine, _, _, _ = deepspeed.initialize(
-        model=unet,
-        model_parameters=trainable,
-        optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_config,
-    )
-    return engine, reference, scheduler, dtype
-
-
-def frozen_reference(reference: torch.nn.Module, ds_config: dict, *, device: torch.device, dtype: torch.dtype):
-    """The frozen reference UNet in the compute dtype: under ZeRO-3 partitioned across the ranks like the policy
-    (a DeepSpeed engine without optimizer, which gathers each layer's weights for its forward), else a plain copy.
-
-    An SDXL UNet is ~5 GB in bf16; under ZeRO-3 each rank then holds 1/world of it instead of all of it. Every rank
-    must run each reference forward (they already do: the loss needs every rank's rewards).
-    """
-    if ds_config["zero_optimization"]["stage"] != 3:
-        return reference.to(device, dtype)
-    import deepspeed
-
-    inference_config = {
-        key: value for key, value in ds_config.items()
-        if key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16",
-                   "steps_per_print", "wall_clock_breakdown")
-    }
-    zero = {k: v for k, v in ds_config["zero_optimization"].items() if k != "offload_optimizer"}  # no optimizer
-    inference_config["zero_optimization"] = zero
-    engine, _, _, _ = deepspeed.initialize(model=reference.to(device), config=inference_config)
-    engine.eval()  # DeepSpeedEngine.eval() returns None, unlike nn.Module.eval()
-    return engine
-
-
-def lora_reference_mode(engine) -> Any:
-    @contextlib.contextmanager
-    def adapters_off():
-        engine.module.disable_adapters()
-        try:
-            yield
-        finally:
-            engine.module.enable_adapters()
-
-    return adapters_off
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -158,7 +87,7 @@ def lora_reference_mode(engine) -> Any:
 
 def to_pair_batch(rows: dict[str, np.ndarray], *, sdxl: bool, device: torch.device, dtype: torch.dtype) -> PairBatch:
     def t(name: str, cast: torch.dtype = dtype) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(rows[name])).to(device=device, dtype=cast)
+        return noise_draws.to_device(torch.as_tensor(np.ascontiguousarray(rows[name])), device, cast)
 
     return PairBatch(
         pair_ids=[str(p) for p in rows["pair_id"]],
@@ -211,173 +140,205 @@ def micro_batches(shard, cfg: AlignConfig, *, start_step: int, per_epoch: int) -
         epoch, done_in_epoch = epoch + 1, 0
 
 
-# ------------------------------------------------------------------------------------------------- train
+# ----------------------------------------------------------------------------------------------- evaluate
 
 
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    vec = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(vec)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, vec.tolist())}
-
-
-def _all_finite(loss: torch.Tensor) -> bool:
-    import torch.distributed as dist
-
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
-    if dist.is_initialized():
-        dist.all_reduce(bad)  # every rank must agree to stop, or the others hang in the next collective
-    return bad.item() == 0.0
-
-
-def holdout_metrics(engine, reference, reference_mode, scheduler, cfg: AlignConfig, rows, *, sdxl, dtype) -> dict:
+def holdout_metrics(models: TrainModels, cfg: AlignConfig, rows, *, sdxl: bool) -> dict:
     """Implicit preference accuracy (ties count half) and mean reward margin of the policy on held-apart pairs.
 
     Fixed draws per pair, so the value at step 0 (policy == reference: every reward 0, accuracy 0.5) and at the end
-    are comparable. Every rank runs the whole sample: under ZeRO-3 all ranks must join each forward.
+    are comparable. Every rank runs the whole sample: under ZeRO-3 all ranks must join each forward. The sums stay
+    on the device and are read once.
     """
-    from pipeline import losses
-
     if rows is None:  # no held-apart pairs in the store, or evaluate.holdout_pairs=0
         return {}
-    device = engine.device
-    wins, margins, count = 0.0, 0.0, 0
+    engine, device = models.engine, models.engine.device
+    wins = torch.zeros((), device=device, dtype=torch.float64)
+    margins = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
     engine.eval()
     with torch.no_grad():
         size = cfg.train.batch_size_per_worker
         for start in range(0, len(rows["pair_id"]), size):
             chunk = {k: v[start:start + size] for k, v in rows.items()}
-            batch = to_pair_batch(chunk, sdxl=sdxl, device=device, dtype=dtype)
+            batch = to_pair_batch(chunk, sdxl=sdxl, device=device, dtype=models.dtype)
             for k in range(HOLDOUT_DRAWS):
-                d = noise_draws.draw(
-                    batch.pair_ids, seed=cfg.train.seed, step=-1, micro_step=k,
-                    latent_shape=tuple(batch.latents_w.shape[1:]),
-                    num_train_timesteps=scheduler.config.num_train_timesteps, prompt_dropout=0.0,
+                d = noise_draws.draw_for_batch(
+                    batch.pair_ids, batch.latents_w, seed=cfg.train.seed, step=-1, micro_step=k,
+                    num_train_timesteps=models.scheduler.config.num_train_timesteps, prompt_dropout=0.0,
                 )
-                n, ts = d.noise.to(device), d.timesteps.to(device)
-                mse_w, mse_l = pair_mses(engine, scheduler, batch, n, ts, winners_only=False)
-                with reference_mode() if reference_mode else contextlib.nullcontext():
-                    ref_w, ref_l = pair_mses(reference or engine, scheduler, batch, n, ts, winners_only=False)
-                r_w = losses.implicit_rewards(mse_w, ref_w, beta=cfg.loss.beta)
-                r_l = losses.implicit_rewards(mse_l, ref_l, beta=cfg.loss.beta)
-                gap = r_w - r_l
+                m = policy_and_reference_mses(engine, models.reference, models.scheduler, batch, d.noise, d.timesteps)
+                r_w, r_l = pair_rewards(m, beta=cfg.loss.beta)
+                gap = (r_w - r_l).double()
                 tie = gap.abs() <= cfg.loss.beta / 2 * TIE_MSE
-                wins += ((gap > 0) & ~tie).sum().item() + 0.5 * tie.sum().item()
-                margins += gap.sum().item()
+                wins += ((gap > 0) & ~tie).sum() + 0.5 * tie.sum()
+                margins += gap.sum()
                 count += len(batch.pair_ids)
     engine.train()
     if count == 0:
         return {}
-    return {"holdout_accuracy": wins / count, "holdout_margin": margins / count}
+    return {"holdout_accuracy": wins.item() / count, "holdout_margin": margins.item() / count}
 
 
-def _apply_prompt_dropout(batch: PairBatch, drop: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor | None]):
-    if not drop.any():
-        return
-    mask = drop.to(batch.prompt_embeds.device)
-    batch.prompt_embeds[mask] = empty[0].to(batch.prompt_embeds.dtype)
-    if batch.pooled_prompt_embeds is not None and empty[1] is not None:
-        batch.pooled_prompt_embeds[mask] = empty[1].to(batch.pooled_prompt_embeds.dtype)
+def holdout_due(cfg: AlignConfig, step: int) -> bool:
+    """Whether the log line of optimizer step ``step`` carries the holdout metrics: at the last step, and every
+    evaluate.every_steps (0 = never in between) so a sweep's scheduler can compare trials while they run."""
+    every = cfg.evaluate.every_steps
+    return step == cfg.train.max_steps or (every > 0 and step % every == 0)
+
+
+# ------------------------------------------------------------------------------------------------- recipe
+
+
+class Recipe:
+    """One worker's run: `setup()`, then `train()` (micro-steps via `train_step`, logging, `save`), `evaluate()`
+    at the start and the end, `cleanup()` (the export). Each part is a method so a bench can drive it."""
+
+    def __init__(self, cfg: AlignConfig, plan: WorkerPlan, *, rank: int, world: int, device: torch.device):
+        self.cfg, self.plan, self.rank, self.world, self.device = cfg, plan, rank, world, device
+        self.sdxl = plan.kind == "sdxl"
+        self.lora = cfg.train.mode == "lora"
+        self.step = 0  # optimizer steps done
+        self.metrics = DeviceMetrics(device)
+        self.models: TrainModels | None = None
+        self.empty_prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.holdout = None
+
+    # -- setup
+
+    def setup(self) -> None:
+        import ray
+
+        from pipeline.train import models
+        from pipeline.train.checkpoint import restore
+
+        self.models = self._guard_memory("while loading the models", lambda: models.setup_models(
+            self.cfg, self.plan, self.device))
+        self.metrics = DeviceMetrics(self.models.engine.device)
+        self.step = restore(self.models.engine, lora=self.lora)
+        if self.cfg.train.prompt_dropout > 0:
+            from pipeline.precompute import load_empty_prompt
+
+            prompt, pooled = load_empty_prompt(self.cfg.store_uri)
+            dev = self.models.engine.device
+            self.empty_prompt = (torch.as_tensor(prompt).to(dev),
+                                 torch.as_tensor(pooled).to(dev) if self.sdxl else None)
+        self.holdout = ray.get(self.plan.holdout) if self.plan.holdout is not None else None
+
+    def _guard_memory(self, where: str, work):
+        try:
+            return work()
+        except torch.cuda.OutOfMemoryError as error:
+            raise TrainingOutOfMemoryError(out_of_memory_advice(self.cfg, where)) from error
+
+    # -- one micro-step
+
+    def train_step(self, step: int, micro: int, rows: dict[str, np.ndarray]) -> None:
+        """Forward, loss, backward and (DeepSpeed decides, at the last micro-step) the optimizer step."""
+        m, cfg = self.models, self.cfg
+        batch = to_pair_batch(rows, sdxl=self.sdxl, device=m.engine.device, dtype=m.dtype)
+        d = noise_draws.draw_for_batch(
+            batch.pair_ids, batch.latents_w, seed=cfg.train.seed, step=step, micro_step=micro,
+            num_train_timesteps=m.scheduler.config.num_train_timesteps, prompt_dropout=cfg.train.prompt_dropout,
+        )
+        if self.empty_prompt is not None:
+            apply_prompt_dropout(batch, d.drop_prompt, self.empty_prompt)
+        loss, metrics = preference_loss(m.engine, m.reference, m.scheduler, batch, d.noise, d.timesteps, cfg.loss)
+        bad = non_finite_flag(loss)
+        m.engine.backward(loss)
+        if bad.item():  # the one wait of a step: after backward was queued, before anything is applied
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} on pairs {batch.pair_ids} (rank {self.rank}, or another rank's "
+                f"pairs); the step was not applied and the last checkpoint is intact. Lower train.lr or loss.beta, "
+                f"raise train.grad_clip or use train.precision=bf16/fp32, then run the same command again to resume."
+            )
+        m.engine.step()
+        metrics["dropped_prompts"] = d.drop_prompt.float().mean()  # share of pairs trained on the empty prompt
+        self.metrics.add({"loss": loss, **metrics}, weight=1.0 / cfg.train.grad_accum_steps)
+
+    # -- evaluate / save / cleanup
+
+    def evaluate(self) -> dict:
+        return holdout_metrics(self.models, self.cfg, self.holdout, sdxl=self.sdxl)
+
+    def save(self, logged: dict, *, checkpoint: bool) -> None:
+        import ray.train
+
+        from pipeline.train.checkpoint import save_and_report
+
+        if checkpoint:
+            save_and_report(self.models.engine, logged, step=self.step, lora=self.lora)
+        else:
+            ray.train.report(logged)
+
+    def cleanup(self) -> None:
+        from pipeline.train.checkpoint import export_model
+
+        export_model(self.models.engine, self.plan, self.cfg, rank=self.rank)
+
+    # -- the loop
+
+    def log_line(self, *, elapsed: float, window_steps: int, start_holdout: dict) -> dict:
+        t, engine = self.cfg.train, self.models.engine
+        grad_norm = engine.get_global_grad_norm()
+        logged = self.metrics.mean_across_ranks()  # the one host read of the window's metrics
+        logged.update(
+            step=self.step,
+            lr=engine.get_lr()[0],
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            samples_per_s=self.world * t.batch_size_per_worker * t.grad_accum_steps * window_steps / elapsed,
+            **peak_memory_gib(engine.device),
+        )
+        if holdout_due(self.cfg, self.step):  # every evaluate.every_steps (for ASHA) and at the end
+            logged.update(self.evaluate())
+        if self.step == t.max_steps:
+            logged.update({f"start_{k}": v for k, v in start_holdout.items()})
+        return logged
+
+    def train(self, shard) -> None:
+        t = self.cfg.train
+        start_holdout = self.evaluate() if self.step == 0 else {}
+        if self.rank == 0 and start_holdout:
+            print(f"[train] step 0 holdout: {_fmt(start_holdout)}", flush=True)
+        if self.step >= t.max_steps:
+            return
+        per_epoch = steps_per_epoch(self.cfg, self.plan.train_rows, self.world)
+        first_step = self.step
+        window_steps, tick = 0, time.perf_counter()
+        for step_now, micro, rows in micro_batches(shard, self.cfg, start_step=self.step, per_epoch=per_epoch):
+            if step_now == first_step:
+                self._guard_memory(f"in the first training step (step {step_now})",
+                                   lambda: self.train_step(step_now, micro, rows))
+            else:
+                self.train_step(step_now, micro, rows)
+            if micro < t.grad_accum_steps - 1:
+                continue
+            self.step, window_steps = step_now + 1, window_steps + 1
+            self.metrics.step_done()
+            checkpoint_now = self.step % t.checkpoint_every == 0 or self.step == t.max_steps
+            if self.step % t.log_every == 0 or checkpoint_now or holdout_due(self.cfg, self.step):
+                now = time.perf_counter()
+                logged = self.log_line(elapsed=now - tick, window_steps=window_steps, start_holdout=start_holdout)
+                if self.rank == 0:
+                    print(f"[train] step {self.step}/{t.max_steps} {_fmt(logged)}", flush=True)
+                self.save(logged, checkpoint=checkpoint_now)
+                window_steps, tick = 0, now  # since the last log line, so the next includes this line's report
+            if self.step >= t.max_steps:
+                break
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray
     import ray.train
     import ray.train.torch
-
-    from pipeline.train.checkpoint import export_model, restore, save_and_report
 
     cfg = AlignConfig.from_dict(config["cfg"])
     plan = WorkerPlan(**config["plan"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    sdxl = plan.kind == "sdxl"
-
-    engine, reference, scheduler, dtype = setup_models(cfg, plan, device)
-    reference_mode = lora_reference_mode(engine) if cfg.train.mode == "lora" else None
-    step = restore(engine, lora=cfg.train.mode == "lora")
-
-    empty = None
-    if cfg.train.prompt_dropout > 0:
-        from pipeline.precompute import load_empty_prompt
-
-        prompt, pooled = load_empty_prompt(cfg.store_uri)
-        empty = (torch.as_tensor(prompt).to(device), torch.as_tensor(pooled).to(device) if sdxl else None)
-
-    holdout = ray.get(plan.holdout) if plan.holdout is not None else None
-
-    def evaluate() -> dict:
-        return holdout_metrics(engine, reference, reference_mode, scheduler, cfg, holdout, sdxl=sdxl, dtype=dtype)
-
-    start_holdout = evaluate() if step == 0 else {}
-    if rank == 0 and start_holdout:
-        print(f"[train] step 0 holdout: {_fmt(start_holdout)}", flush=True)
-
-    per_epoch = steps_per_epoch(cfg, plan.train_rows, world)
-    accum = cfg.train.grad_accum_steps
-    sums: dict[str, float] = {}  # metric sums over the optimizer steps since the last log line
-    window_steps, tick = 0, time.perf_counter()
-    if step < cfg.train.max_steps:
-        for step_now, micro, rows in micro_batches(
-            ray.train.get_dataset_shard("train"), cfg, start_step=step, per_epoch=per_epoch
-        ):
-            batch = to_pair_batch(rows, sdxl=sdxl, device=device, dtype=dtype)
-            d = noise_draws.draw(
-                batch.pair_ids, seed=cfg.train.seed, step=step_now, micro_step=micro,
-                latent_shape=tuple(batch.latents_w.shape[1:]),
-                num_train_timesteps=scheduler.config.num_train_timesteps, prompt_dropout=cfg.train.prompt_dropout,
-            )
-            if empty is not None:
-                _apply_prompt_dropout(batch, d.drop_prompt, empty)
-            loss, metrics = preference_loss(
-                engine, reference_mode, reference, scheduler, batch, d.noise.to(device), d.timesteps.to(device), cfg.loss
-            )
-            if not _all_finite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step_now} on pairs {batch.pair_ids} (rank {rank}); the step was not "
-                    f"applied and the last checkpoint is intact. Lower train.lr or loss.beta, raise train.grad_clip "
-                    f"or use train.precision=bf16/fp32, then run the same command again to resume."
-                )
-            engine.backward(loss)
-            engine.step()
-            metrics["dropped_prompts"] = d.drop_prompt.float().mean()  # share of pairs trained on the empty prompt
-            for key, value in {"loss": loss.detach(), **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / accum
-            if micro < accum - 1:
-                continue
-
-            step, window_steps = step_now + 1, window_steps + 1
-            checkpoint_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
-            if step % cfg.train.log_every == 0 or checkpoint_now:
-                now = time.perf_counter()
-                elapsed = now - tick  # since the last log line, so it includes that line's report
-                grad_norm = engine.get_global_grad_norm()
-                logged = _mean_across_ranks({k: v / window_steps for k, v in sums.items()})
-                logged.update(
-                    step=step,
-                    lr=engine.get_lr()[0],
-                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                    samples_per_s=world * cfg.train.batch_size_per_worker * accum * window_steps / elapsed,
-                )
-                if step == cfg.train.max_steps:
-                    logged.update(evaluate())
-                    logged.update({f"start_{k}": v for k, v in start_holdout.items()})
-                if rank == 0:
-                    print(f"[train] step {step}/{cfg.train.max_steps} {_fmt(logged)}", flush=True)
-                if checkpoint_now:
-                    save_and_report(engine, logged, step=step, lora=cfg.train.mode == "lora")
-                else:
-                    ray.train.report(logged)
-                sums, window_steps, tick = {}, 0, now
-            if step >= cfg.train.max_steps:
-                break
-
-    export_model(engine, plan, cfg, rank=rank)
+    recipe = Recipe(cfg, plan, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                    device=ray.train.torch.get_device())
+    recipe.setup()
+    recipe.train(ray.train.get_dataset_shard("train"))
+    recipe.cleanup()
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -1,0 +1,67 @@
+"""The frozen reference of the preference objectives, as one component whatever it is made of.
+
+Three forms: a frozen copy of the UNet in the training dtype on the device (ZeRO-2, full fine-tune); a ZeRO-3
+inference engine that holds 1/N of that copy on each rank and gathers a layer's weights for its forward; or, for
+LoRA, the policy itself with its adapters switched off (no second copy at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+
+class Reference:
+    """Callable like a UNet (no gradients). `runner` is what a call runs: a frozen UNet, a ZeRO-3 inference engine,
+    or the policy engine whose adapters are switched off for the call; `.module` is the UNet itself."""
+
+    def __init__(self, runner: Callable, *, adapters_off_of: Any = None):
+        self.runner = runner
+        self.module = getattr(runner, "module", runner)  # a DeepSpeed engine holds the UNet as .module
+        self._adapters_of = adapters_off_of  # the peft-adapted UNet, for LoRA
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """While inside, `self.runner` computes the reference (LoRA: adapters off); never with gradients."""
+        with torch.no_grad():
+            if self._adapters_of is None:
+                yield
+                return
+            self._adapters_of.disable_adapters()
+            try:
+                yield
+            finally:
+                self._adapters_of.enable_adapters()
+
+    def __call__(self, *args, **kwargs):
+        with self.active():
+            return self.runner(*args, **kwargs)
+
+
+def frozen_copy(unet: torch.nn.Module) -> Reference:
+    """A frozen copy of `unet` where it lives (the device, the training dtype): no second host copy."""
+    import copy
+
+    return Reference(copy.deepcopy(unet).requires_grad_(False).eval())
+
+
+def lora_reference(policy_engine) -> Reference:
+    return Reference(policy_engine, adapters_off_of=policy_engine.module)
+
+
+def zero3_reference(unet: torch.nn.Module, ds_config: dict) -> Reference:
+    """An inference-only DeepSpeed engine over a UNet built under `deepspeed.zero.Init` (already partitioned).
+
+    Every rank must run each reference forward (they do: the loss needs every rank's rewards).
+    """
+    import deepspeed
+
+    keep = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16", "steps_per_print",
+            "wall_clock_breakdown")
+    config = {key: value for key, value in ds_config.items() if key in keep}
+    config["zero_optimization"] = {k: v for k, v in ds_config["zero_optimization"].items() if k != "offload_optimizer"}
+    engine, _, _, _ = deepspeed.initialize(model=unet.requires_grad_(False), config=config)
+    engine.eval()  # DeepSpeedEngine.eval() returns None, unlike nn.Module.eval()
+    return Reference(engine)
