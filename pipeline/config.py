@@ -120,11 +120,16 @@ class TrainConfig:
 
 @dataclass
 class TuneConfig:
-    num_samples: int = 2
-    max_concurrent_trials: int = 1
-    metric: str = "accuracy"
+    name: str = "sweep"  # the sweep lives at <storage>/<name>/<tune.name>; the same command again resumes it
+    num_samples: int = 2  # samples of the random dimensions (choice/uniform/loguniform); grids are crossed whole
+    max_concurrent_trials: int = 1  # each trial is a driver (1 CPU) plus train.num_workers workers
+    metric: str = "holdout_accuracy"  # a metric the training reports (README "Sweeps")
     mode: Literal["max", "min"] = "max"
-    search_space: dict[str, list[Any]] = field(default_factory=dict)  # "loss.beta": [1000, 5000]
+    # Any config key -> [v1, v2] (a grid), {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}
+    search_space: dict[str, Any] = field(default_factory=dict)
+    scheduler: Literal["asha", "fifo"] = "asha"  # asha stops trials whose metric lags at its rungs; fifo never stops
+    grace_period: int = 2  # optimizer steps before ASHA may stop a trial (its first rung)
+    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor of the trials at each rung
 
 
 @dataclass
@@ -161,6 +166,7 @@ class ScorerConfig:
 @dataclass
 class EvaluateConfig:
     holdout_pairs: int = 64  # held-apart pairs whose implicit accuracy training reports at its start and end
+    every_steps: int = 0  # also report it every this many optimizer steps (0: start and end only); sweeps need it
     # Reward scorers run on every generated image: clip, pickscore, hpsv2, aesthetic, imagereward, style.
     scorers: list[str] = field(default_factory=lambda: ["style", "clip"])
     clip: ScorerConfig = field(default_factory=ScorerConfig)
@@ -372,8 +378,10 @@ def validate(cfg: AlignConfig) -> None:
         raise ConfigError(
             f"config key 'train.precision': {t.precision!r} needs GPUs (train.use_gpu=true); use 'auto' or 'fp32' on CPU"
         )
-    for key in cfg.tune.search_space:
-        _lookup(cfg, key)  # raises on a key that does not exist
+    from pipeline.tune.space import check_search_space  # builds and validates the config of every value it names
+
+    check_search_space(cfg)
+    need(cfg.evaluate.every_steps >= 0, "evaluate.every_steps", cfg.evaluate.every_steps, "an integer >= 0")
     need(cfg.evaluate.holdout_pairs >= 0, "evaluate.holdout_pairs", cfg.evaluate.holdout_pairs, "an integer >= 0")
     g = cfg.generate
     need(g.num_prompts >= 1, "generate.num_prompts", g.num_prompts, "an integer >= 1")
@@ -406,6 +414,10 @@ def validate(cfg: AlignConfig) -> None:
     need(e.bootstrap_resamples >= 100, "evaluate.bootstrap_resamples", e.bootstrap_resamples, "an integer >= 100")
     need(e.grid_prompts >= 0, "evaluate.grid_prompts", e.grid_prompts, "an integer >= 0")
     need(cfg.tune.num_samples >= 1, "tune.num_samples", cfg.tune.num_samples, "an integer >= 1")
+    need(bool(cfg.tune.name) and "/" not in cfg.tune.name, "tune.name", cfg.tune.name, "a non-empty name without '/'")
+    need(cfg.tune.max_concurrent_trials >= 1, "tune.max_concurrent_trials", cfg.tune.max_concurrent_trials, ">= 1")
+    need(cfg.tune.grace_period >= 1, "tune.grace_period", cfg.tune.grace_period, "an integer >= 1")
+    need(cfg.tune.reduction_factor > 1, "tune.reduction_factor", cfg.tune.reduction_factor, "a number > 1")
     r = cfg.realign
     need(r.old_pairs_per_new >= 0, "realign.old_pairs_per_new", r.old_pairs_per_new, "a number >= 0")
     need(r.min_new_pairs >= 1, "realign.min_new_pairs", r.min_new_pairs, "an integer >= 1")
