@@ -13,8 +13,32 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray with this machine's CPUs; tests that need Ray take this fixture."""
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1, reached through the standard AWS_* environment variables, which
+    are set before Ray starts so its workers inherit them. Returns the endpoint URL."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint, AWS_EC2_METADATA_DISABLED="true")
+    yield endpoint
+    server.stop()
+
+
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+          "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """A local Ray with this machine's CPUs; tests that need Ray take this fixture (its workers reach s3_endpoint)."""
     import ray
 
     if not ray.is_initialized():
@@ -22,7 +46,8 @@ def ray_session():
             num_cpus=max(2, os.cpu_count() or 2),
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}},
+            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+                                      **{key: os.environ[key] for key in S3_ENV}}},
         )
     yield ray
     ray.shutdown()
