@@ -112,7 +112,7 @@ def _check_scorers_load(scorers: dict[str, dict[str, Any]]) -> None:
 
 
 def evaluate_generated(cfg: AlignConfig, generation, *, out_dir: str, baseline: str,
-                       info: dict[str, Any] | None = None) -> EvaluationResult:
+                       info: dict[str, Any] | None = None, sweep: dict[str, Any] | None = None) -> EvaluationResult:
     """Score a finished generation (pipeline.generate.run.GenerationResult), compare, write scores and report."""
     e = cfg.evaluate
     scores = run_scoring(cfg, generation.index, generation.out_dir)
@@ -128,12 +128,12 @@ def evaluate_generated(cfg: AlignConfig, generation, *, out_dir: str, baseline: 
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(scores, path, filesystem=fs)
     write_text(join_uri(out_dir, "evaluate", "comparison.json"), json.dumps(comparison, indent=1))
-    report_path = write_run_report(cfg, comparison, scores, generation.out_dir, out_dir, info or {})
+    report_path = write_run_report(cfg, comparison, scores, generation.out_dir, out_dir, info or {}, sweep=sweep)
     return EvaluationResult(comparison, report_path, scores_uri, generation.index_uri)
 
 
 def write_run_report(cfg: AlignConfig, comparison: dict[str, Any], scores: pa.Table, image_root: str,
-                     out_dir: str, info: dict[str, Any]) -> str:
+                     out_dir: str, info: dict[str, Any], *, sweep: dict[str, Any] | None = None) -> str:
     """``<out_dir>/report/index.html``; built locally and uploaded when ``out_dir`` is an object-store URI."""
     from pipeline.evaluate.report import write_report
 
@@ -148,7 +148,7 @@ def write_run_report(cfg: AlignConfig, comparison: dict[str, Any], scores: pa.Ta
         html = write_report(
             absolute(report_uri), comparison=comparison, scores=scores, image_root=absolute(image_root),
             metrics_jsonl=absolute(metrics) if is_local(metrics) and exists(metrics) else None, info=info,
-            grid_prompts=cfg.evaluate.grid_prompts,
+            grid_prompts=cfg.evaluate.grid_prompts, sweep=sweep,
         )
         return str(html)
     from pipeline.generate.models import local_copy
@@ -159,14 +159,15 @@ def write_run_report(cfg: AlignConfig, comparison: dict[str, Any], scores: pa.Ta
         if exists(metrics):
             local_metrics = metrics if is_local(metrics) else str(local_copy(metrics))
         write_report(staging, comparison=comparison, scores=scores, image_root=local_images,
-                     metrics_jsonl=local_metrics, info=info, grid_prompts=cfg.evaluate.grid_prompts)
+                     metrics_jsonl=local_metrics, info=info, grid_prompts=cfg.evaluate.grid_prompts, sweep=sweep)
         upload_dir(staging, report_uri)
     return join_uri(report_uri, "index.html")
 
 
 def evaluate_models(cfg: AlignConfig, models: dict[str, str], *, out_dir: str, baseline: str,
-                    info: dict[str, Any] | None = None) -> EvaluationResult:
-    """Generate (paired prompts and seeds) for every model, score, compare with ``baseline``, write the report."""
+                    info: dict[str, Any] | None = None, sweep: dict[str, Any] | None = None) -> EvaluationResult:
+    """Generate (paired prompts and seeds) for every model, score, compare with ``baseline``, write the report
+    (with a sweep section when ``sweep`` is given: pipeline.tune.run's trials table and plot)."""
     from pipeline.generate.run import run_generation
 
     if baseline not in models:
@@ -174,6 +175,6 @@ def evaluate_models(cfg: AlignConfig, models: dict[str, str], *, out_dir: str, b
     _check_scorers_load({name: scorer_options(cfg, name) for name in cfg.evaluate.scorers})
     generation = run_generation(cfg, models, out_dir=join_uri(out_dir, "generate"))
     return evaluate_generated(cfg, generation, out_dir=out_dir, baseline=baseline,
-                              info={"models": models, **(info or {})})
+                              info={"models": models, **(info or {})}, sweep=sweep)
 
 
