@@ -9,7 +9,7 @@ TORCH_PIN=${TORCH_PIN:-"torch==2.14.1 torchvision==0.29.1"}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet $TORCH_PIN
-.venv/bin/python -m pip install --quiet -e ".[mlflow]"
+.venv/bin/python -m pip install --quiet -e ".[mlflow,test]"
 
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   # DeepSpeed on CPU JIT-compiles a shared-memory collective on first use (~40 s, cached under
