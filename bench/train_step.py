@@ -76,6 +76,7 @@ GATHER_REPEATS = 200  # the losses on [B] vectors take well under a millisecond:
 GOAL_RPO_OVER_DPO = 1.02
 GOAL_STEP_OVER_UNET = 1.05
 GOAL_GATHER_SHARE = 0.05
+GOAL_LORA_SPEEDUP = 1.3  # plain loop's step / ours, LoRA DPO on the CPU
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -568,6 +569,89 @@ def time_two_workers(args: argparse.Namespace, model_path: str) -> dict[int, lis
     return per_stage
 
 
+# ------------------------------------------------------------------------------------- LoRA vs plain loop
+
+
+class PlainLoraLoop:
+    """What a plain single-process diffusers + peft trainer does per LoRA DPO step, with no feature store and no
+    DeepSpeed: decode and crop the images, VAE-encode them, encode the captions, then the same noise draws, the
+    policy forward over [winners; losers], the reference forward with the adapters off, DPO, backward, AdamW."""
+
+    def __init__(self, cfg, model_path: str, kind: str):
+        from peft import LoraConfig
+
+        from pipeline.models.loader import load_components
+        from pipeline.train.models import LORA_TARGETS
+
+        parts = load_components(model_path, kind=kind, parts=("unet", "vae", "text", "scheduler"))
+        self.unet, self.vae, self.scheduler = parts.unet, parts.vae.requires_grad_(False), parts.scheduler
+        self.text_encoders = [encoder.requires_grad_(False) for encoder in parts.text_encoders]
+        self.tokenizers, self.cfg, self.kind = parts.tokenizers, cfg, kind
+        self.unet.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=cfg.train.lora_rank, lora_alpha=cfg.train.lora_alpha,
+                                         init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        self.unet.train()
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    def step(self, raw: dict[str, list], step: int) -> None:
+        from pipeline import losses
+        from pipeline.data.images import decode_image
+        from pipeline.models.text import encode_prompts, sdxl_add_time_ids
+        from pipeline.precompute.stages import prepare_image, vae_input
+        from pipeline.train import noise as noise_draws
+        from pipeline.train.step import unet_mse
+
+        res, n = self.cfg.precompute.resolution, len(raw["caption"])
+        crops = [prepare_image(decode_image(data, max_image_pixels=self.cfg.data.max_image_pixels), res)
+                 for data in raw["image_w"] + raw["image_l"]]
+        with torch.no_grad():
+            latents = self.vae.encode(vae_input(np.stack([c.pixels for c in crops]))).latent_dist.sample()
+            latents = latents * self.vae.config.scaling_factor
+            prompt, pooled = encode_prompts(self.text_encoders, self.tokenizers, raw["caption"], kind=self.kind)
+        d = noise_draws.draw_for_batch([f"plain-{i}" for i in range(n)], latents[:n], seed=0, step=step,
+                                       micro_step=0, num_train_timesteps=self.scheduler.config.num_train_timesteps,
+                                       prompt_dropout=0.0)
+        two = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+        time_ids = two(torch.tensor([sdxl_add_time_ids((res, res), (0, 0), (res, res))] * n, dtype=torch.float32)) \
+            if pooled is not None else None
+        args = (self.scheduler, latents, two(d.noise), two(d.timesteps), two(prompt), two(pooled), time_ids)
+        mse = unet_mse(self.unet, *args)
+        with torch.no_grad():
+            self.unet.disable_adapters()
+            ref = unet_mse(self.unet, *args)
+            self.unet.enable_adapters()
+        loss = losses.dpo_loss(*mse.chunk(2), *ref.chunk(2), beta=self.cfg.loss.beta)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def lora_vs_plain(args: argparse.Namespace, data: dict[str, Any], model_path: str) -> dict[str, float]:
+    """Median ms of our LoRA DPO step (worker's setup_models, feature-store rows, DeepSpeed) and of the plain loop
+    on the same pairs, alternating; `plain_over_ours` > 1 means ours is faster."""
+    init_process_group(0, 1, free_port(), "gloo")
+    quiet_deepspeed()
+    try:
+        cfg = bench_config(args, "train.mode=lora", "loss.objective=dpo")
+        trainer = make_trainer(cfg, model_path, data["kind"], torch.device("cpu"))
+        plain = PlainLoraLoop(cfg, model_path, data["kind"])
+        rows = rows_of_rank(data["rows"], 0, args.batch)
+        raw = {k: v[: args.batch] for k, v in data["raw"].items()}
+        samples: dict[str, list[float]] = {"ours": [], "plain": []}
+        for step in range(WARMUP + args.repeats):
+            runs = [("ours", lambda: trainer.whole_step(rows, step, cfg.loss)), ("plain", lambda: plain.step(raw, step))]
+            for key, work in runs[:: 1 if step % 2 == 0 else -1]:
+                ms = timed(trainer.device, work)[1]
+                if step >= WARMUP:
+                    samples[key].append(ms)
+        result = medians(samples)
+        result["plain_over_ours"] = result["plain"] / result["ours"]
+        return result
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -640,6 +724,8 @@ def main() -> None:
     parser.add_argument("--unet", choices=["tiny", "sd15", "sdxl"], default="tiny",
                         help="tiny: the toy store's model; sd15/sdxl: a random UNet of that size on synthetic rows")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON result goes")
+    parser.add_argument("--lora-vs-plain", action="store_true",
+                        help="only: our LoRA DPO step vs a plain diffusers + peft loop (tiny model, CPU); goal >= 1.3")
     args = parser.parse_args()
     set_environment(args.device)
     if args.device == "cpu":
@@ -658,6 +744,14 @@ def main() -> None:
 
         data = synthetic_rows(args)
         model_path = full_size_model(args, str(build_tiny_sdxl(WORK / "tiny-schedule")))
+    if args.lora_vs_plain:
+        result = lora_vs_plain(args, data, model_path)
+        out = args.out if args.out != RESULTS else RESULTS.with_name("train_step_lora_vs_plain.json")
+        out.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(args).items()}, **result}, indent=2) + "\n")
+        print(f"LoRA DPO step, {args.batch} pairs, {args.resolution} px, {args.device}: ours {result['ours']:.1f} ms, "
+              f"plain diffusers + peft loop {result['plain']:.1f} ms; plain / ours = {result['plain_over_ours']:.2f} "
+              f"(goal >= {GOAL_LORA_SPEEDUP}); wrote {out}")
+        return
     one = time_one_process(args, data, model_path)
     two = time_two_workers(args, model_path) if args.unet == "tiny" else {}
 
