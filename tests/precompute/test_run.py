@@ -160,12 +160,20 @@ def test_grown_table_encodes_only_new_rows_and_quarantines_bad_ones(world, first
         dict(toy[1], caption="garbage", jpg_1=b"not an image at all"),
         dict(toy[2], caption=""),
         dict(toy[2], label_0=2.0),
+        dict(toy[3]),  # a duplicate of an old row
+        dict(toy[4], jpg_0=toy[4]["jpg_1"], jpg_1=toy[4]["jpg_0"], label_0=1.0 - toy[4]["label_0"]),  # swapped
     ]
     grown = tmp_path / "grown.parquet"
     pq.write_table(pa.Table.from_pylist(rows), grown)
 
     summary = run_precompute(world.config(store, f"data.source={grown}"))
     old, load = load_preferences(first_run.source).pairs, load_preferences(grown)
+    # The streaming path and load_preferences count and quarantine the same table alike.
+    assert summary["reader"] == load.summary and load.summary["duplicates"] >= 1
+    found = FeatureStore(str(store)).read_table(read_manifest(str(store)), "quarantine")
+    keys = ("source", "row", "reason", "detail")
+    assert sorted(zip(*(found.column(k).to_pylist() for k in keys))) == sorted(
+        zip(*(load.quarantine.column(k).to_pylist() for k in keys)))
     new = _pair_ids(load.pairs) - _pair_ids(old)
     assert summary["new_pairs"] == len(new) > 0 and summary["skipped_pairs"] == old.num_rows
     new_rows = [r for r in load.pairs.to_pylist() if r["pair_id"] in new]

@@ -209,3 +209,19 @@ def test_read_training_dataset_sd15_has_zero_length_pooled(tmp_path, ray_session
     batch = next(iter(read_training_dataset(str(tmp_path / "store")).iter_batches(batch_size=2, batch_format="numpy")))
     assert batch["pooled_prompt_embeds"].shape == (2, 0)
     assert batch["pooled_prompt_embeds"].dtype == np.float16
+
+
+def test_a_store_of_another_model_is_refused_naming_both():
+    from pipeline.precompute.store import check_store_model
+
+    manifest = new_manifest(SETTINGS | {"model": {**SETTINGS["model"], "variant": None}})
+    same_weights_elsewhere = {"source": "/copies/a", "kind": "sdxl", "sha256": "aaa", "variant": None}
+    check_store_model(manifest, same_weights_elsewhere, "/s")  # the path alone may differ
+    for change in ({"sha256": "bbb"}, {"variant": "fp16"}, {"kind": "sd15"}):
+        run_model = same_weights_elsewhere | change
+        with pytest.raises(StoreMismatchError) as err:
+            check_store_model(manifest, run_model, "s3://b/features")
+        message = str(err.value)
+        key, value = next(iter(change.items()))
+        assert "s3://b/features" in message and f"{key}={value!r}" in message
+        assert f"{key}={SETTINGS['model'].get(key)!r}" in message and "/models/a" in message and "/copies/a" in message
