@@ -30,7 +30,6 @@ import logging
 import time
 from typing import Any
 
-import pyarrow as pa
 
 from pipeline.config import AlignConfig
 from pipeline.data.readers import table_files

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.data.schema import caption_hash
+from pipeline.precompute.reader import load_empty_prompt, read_training_dataset
 from pipeline.precompute.store import (
     FeatureStore,
     StoreMismatchError,
@@ -14,10 +15,8 @@ from pipeline.precompute.store import (
     assign_split,
     check_settings,
     images_rows,
-    load_empty_prompt,
     new_manifest,
     read_manifest,
-    read_training_dataset,
     settings_hash,
     sibling_store_uri,
     stacked_tensors,
