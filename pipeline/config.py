@@ -194,6 +194,9 @@ class RealignConfig:
     min_win_rate_lower: float = 0.5  # the win-rate interval's lower end must be above this
     max_regression: float = 0.05  # no scorer's mean may be worse by more than this fraction of the promoted one's
     lock_stale_s: float = 86400.0  # a registry lock older than this is a crashed run's and is broken
+    # With nothing promoted yet, promote the first version whatever the gate says (it is still judged against the
+    # base and the verdict recorded): for a registry whose first model is trusted by construction.
+    promote_first_version: bool = False
 
 
 @dataclass
