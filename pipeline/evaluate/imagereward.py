@@ -1,6 +1,7 @@
 """ImageReward (Xu et al., 2023, THUDM/ImageReward): a BLIP image-text encoder with an MLP reward head.
 
-    scorer = ImageRewardScorer.load(weights="/models/ImageReward")     # folder with ImageReward.pt (+ med_config.json)
+    scorer = ImageRewardScorer.load(weights="/models/ImageReward",     # folder with ImageReward.pt (+ med_config.json)
+                                    backbone="/models/bert-base-uncased")  # tokenizer folder; None = hub id
     scorer.score(images, prompts)                                       # float64 [N], one reward per image
 
 The architecture, written here in plain torch from the published code (ImageReward/ImageReward.py and
@@ -47,6 +48,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pipeline.evaluate.scorer_weights import WeightsNotFound  # the one class every scorer raises (a leaf module)
+
 PUBLISHED_MEAN = 0.16717362830052426  # ImageReward.mean: the head's raw output mean on their data
 PUBLISHED_STD = 1.0333394966054072
 HUB_REPO = "THUDM/ImageReward"
@@ -65,10 +68,6 @@ IGNORED_KEYS = (
 CONFIG_KEY = "evaluate.imagereward"
 _WHERE = (f"ImageReward's published files are {WEIGHTS_FILE} and {MED_CONFIG_FILE} of the hub repo {HUB_REPO} "
           f"(https://huggingface.co/{HUB_REPO}); its tokenizer is {DEFAULT_TOKENIZER} (a folder with vocab.txt)")
-
-
-class WeightsNotFound(FileNotFoundError):
-    """A scorer's weights (or tokenizer) are not where config says; the message says where they come from."""
 
 
 # ---------------------------------------------------------------- configs
@@ -410,8 +409,11 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def resolve_weights(weights: str | None) -> tuple[Path, Path | None]:
-    """-> (ImageReward.pt, med_config.json or None): a local file, a folder holding them, or a hub repo id."""
-    source = weights or HUB_REPO
+    """-> (ImageReward.pt, med_config.json or None): a local file, a folder holding them, or a hub repo id
+    (``THUDM/ImageReward``). Unset is an error, as for every reward model: no silent download."""
+    if not weights:
+        raise _not_found("weights", "<unset>", "weights", "not given")
+    source = weights
     path = Path(source).expanduser()
     if path.is_file():
         med = path.parent / MED_CONFIG_FILE
@@ -439,8 +441,8 @@ def load_tokenizer(backbone: str | None):
 
     source = backbone or DEFAULT_TOKENIZER
     local = Path(source).expanduser()
-    if backbone is not None and not local.is_dir() and not _looks_like_hub_id(source):
-        raise _not_found("tokenizer folder", str(local), "backbone")
+    if not local.is_dir() and (local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise _not_found("tokenizer folder", str(local), "backbone")  # meant as a local folder, not a hub id
     try:
         tokenizer = BertTokenizer.from_pretrained(str(local) if local.is_dir() else source)
     except Exception as e:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.evaluate import scorers
 from pipeline.evaluate.imagereward import (
     PUBLISHED_MEAN,
     PUBLISHED_STD,
@@ -140,10 +141,13 @@ def test_missing_weights_name_scorer_path_source_and_config_key(tmp_path, twin):
     missing = tmp_path / "nowhere" / "ImageReward.pt"
     with pytest.raises(WeightsNotFound) as err:
         ImageRewardScorer.load(weights=str(missing), backbone=twin["backbone"], arch=twin["arch"])
+    assert isinstance(err.value, scorers.WeightsNotFound)  # the class every scorer raises
     message = str(err.value)
     for needle in ("imagereward", str(missing), "evaluate.imagereward.weights", "THUDM/ImageReward",
                    "ImageReward.pt", "med_config.json", "bert-base-uncased"):
         assert needle in message
+    with pytest.raises(WeightsNotFound, match="not given.*evaluate.imagereward.weights"):
+        ImageRewardScorer.load(weights=None, backbone=twin["backbone"], arch=twin["arch"])
     with pytest.raises(WeightsNotFound, match="folder has no ImageReward.pt"):
         ImageRewardScorer.load(weights=str(tmp_path), backbone=twin["backbone"], arch=twin["arch"])
     with pytest.raises(WeightsNotFound, match="evaluate.imagereward.backbone"):
