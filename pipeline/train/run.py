@@ -79,7 +79,43 @@ def training_pairs(cfg: AlignConfig, manifest: dict[str, Any]) -> tuple[list[str
     return chosen, len(chosen)
 
 
-def run_training(cfg: AlignConfig) -> TrainResult:
+def training_model_path(cfg: AlignConfig) -> str:
+    """The pipeline folder the workers load the UNet (policy and reference) and the noise schedule from: the base
+    model, or with ``train.init_unet`` a folder that is the base pipeline's model_index.json and scheduler with that
+    UNet in place of the base one (re-alignment continues from the promoted model; the promoted model is the new
+    reference). It lives in the run folder, which workers on other nodes reach where that is shared storage."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.precompute import resolve_model_path
+    from pipeline.storage import is_local
+
+    base = resolve_model_path(cfg)
+    if cfg.train.init_unet is None:
+        return base
+    unet = Path(absolute(cfg.train.init_unet))
+    if not (unet / "config.json").is_file():
+        raise FileNotFoundError(f"train.init_unet {cfg.train.init_unet}: no diffusers UNet folder there (config.json "
+                                f"missing); point it at a folder a full fine-tune wrote (<run>/model)")
+    run_dir = Path(absolute(cfg.run_dir)) if is_local(cfg.run_dir) else Path(tempfile.gettempdir()) / cfg.name
+    folder = run_dir / "init_pipeline"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "scheduler").mkdir(parents=True)
+    for name in ("model_index.json", "scheduler/scheduler_config.json"):
+        if Path(base).is_dir():
+            shutil.copyfile(Path(base) / name, folder / name)
+        else:  # a hub id: the two small files from the hub (or its cache)
+            from huggingface_hub import hf_hub_download
+
+            shutil.copyfile(hf_hub_download(base, name, revision=cfg.model.revision), folder / name)
+    os.symlink(unet, folder / "unet", target_is_directory=True)
+    return str(folder)
+
+
+def run_training(cfg: AlignConfig, *, callbacks: list | None = None) -> TrainResult:
+    """``callbacks``: more Ray Train callbacks (a sweep's trial passes Tune's TuneReportCallback)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -95,7 +131,7 @@ def run_training(cfg: AlignConfig) -> TrainResult:
     if train_rows <= cfg.train.materialize_max_pairs:
         train = train.materialize()
     plan = WorkerPlan(
-        model_path=resolve_model_path(cfg),
+        model_path=training_model_path(cfg),
         kind=manifest["model"]["kind"],
         train_rows=train_rows,
         model_out=model_uri(cfg),
@@ -117,7 +153,7 @@ def run_training(cfg: AlignConfig) -> TrainResult:
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=[metrics_logger(cfg, join_uri(storage, TRAIN_RUN_NAME))],
+            callbacks=[metrics_logger(cfg, join_uri(storage, TRAIN_RUN_NAME)), *(callbacks or [])],
         ),
         datasets={"train": train},
         dataset_config=DataConfig(execution_options=ingest),
