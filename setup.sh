@@ -18,4 +18,12 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   # train.offload_optimizer=true runs DeepSpeed's CPU Adam, another JIT-compiled op (~60 s): build it here too.
   DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null
 fi
+# The report test renders the HTML report in headless Chromium; browser downloads are unreachable, so Debian's.
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+  else
+    echo "note: chromium is missing; tests/evaluate/test_report.py needs it (as root: apt-get update && apt-get install -y chromium)"
+  fi
+fi
 echo "setup done: .venv/ is ready"
