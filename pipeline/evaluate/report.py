@@ -30,7 +30,7 @@ from PIL import Image
 
 THUMBNAIL_PX = 256  # larger images are embedded as JPEG thumbnails of this size, to keep the page small
 PIXELATED_MAX_PX = 128  # images this small (toy renders) are shown enlarged with hard pixel edges
-SHOWN_PX = 160  # the displayed width of every grid image
+SHOWN_PX = 192  # the displayed width of every grid image (an exact multiple of 32 and 64 px toy renders)
 TABLE_HEADER_RGB = (214, 226, 242)  # the metrics tables' header colour; the render test looks for it
 REQUIRED_COLUMNS = ("model", "prompt_id", "prompt", "seed", "file")
 CHROMIUM_HINT = "install it with: apt-get update && apt-get install -y chromium (as root; setup.sh does this)"
@@ -72,13 +72,13 @@ def write_report(report_dir: str | Path, *, comparison: dict, scores: pa.Table, 
     grid = grid_rows(scores, models=models, grid_prompts=grid_prompts, scorers=list(comparison.get("scorers", {})))
     sweep_png = copy_sweep_plot(sweep, report_dir / "sweep_metric.png") if sweep else None
 
-    sections = [
+    sections = [  # numbers first, then how to read them; the tall image grids last
         info_section(info),
         metrics_section(comparison),
-        grid_section(grid, models=models, image_root=Path(image_root)),
+        HOW_TO_READ,
         curves_section(curves, curves_png, metrics_jsonl),
         sweep_section(sweep, sweep_png) if sweep else "",
-        HOW_TO_READ,
+        grid_section(grid, models=models, image_root=Path(image_root)),
     ]
     title = f"Report: {info.get('run', report_dir.parent.name)}"
     page = PAGE.format(title=esc(title), css=CSS, body="\n".join(s for s in sections if s))
