@@ -488,13 +488,14 @@ class ImageRewardScorer:
     def load(cls, *, weights: str | None, backbone: str | None = None, arch: str | None = None,
              device: str = "cpu") -> ImageRewardScorer:
         weights_file, med_config = resolve_weights(weights)
+        tokenizer = load_tokenizer(backbone)  # before reading 1.8 GB, so a missing tokenizer fails fast
         with torch.device("meta"):  # no random init of 446M parameters only to overwrite them
             model = ImageRewardModel(load_arch(arch, med_config=med_config if arch is None else None))
         state = torch.load(weights_file, map_location="cpu", weights_only=True)
         fitted = fit_state_dict(model, state, source=str(weights_file))
         # float32 as the published modules, whatever the file's dtype
         model.load_state_dict({k: v.float() for k, v in fitted.items()}, strict=True, assign=True)
-        return cls(model, load_tokenizer(backbone), device=device, source=str(weights_file))
+        return cls(model, tokenizer, device=device, source=str(weights_file))
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.preprocess(image) for image in images]).to(self.device)
