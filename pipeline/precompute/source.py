@@ -97,4 +97,6 @@ def read_checked_rows(files: list[TableFile], check: RowCheck, *, num_cpus: floa
 
             return [task(file) for file in files]
 
-    return ray.data.read_datasource(PreferenceDatasource(), num_cpus=num_cpus)
+    # One block stream per file: without override_num_blocks Ray Data splits each task's output into ~100 blocks
+    # to reach its default parallelism, which only makes tiny pair shards.
+    return ray.data.read_datasource(PreferenceDatasource(), num_cpus=num_cpus, override_num_blocks=len(files))
