@@ -62,11 +62,11 @@ def test_precompute_s3_to_s3_survives_a_crash_and_trains(world, bucket, ray_sess
     assert len(rows) == manifest["counts"]["train"] and rows[0]["latents_w"].shape == (4, 4, 4)
 
     train_cfg = world.config(
-        "s3://prefs/features", "name=s3train", "train.max_steps=2", "train.num_workers=1",
+        "s3://prefs/features", "train.max_steps=2", "train.num_workers=1",
         "train.worker_num_cpus=0.5", "train.batch_size_per_worker=2", "train.log_every=1",
         "train.checkpoint_every=100", "evaluate.holdout_pairs=0", "train.lr=1e-4", "loss.beta=500",
     )
-    result = run_training(train_cfg)  # the workers read the features from S3
+    result = run_training(train_cfg)  # same name as precompute: reuses its tiny model; the workers read S3
     assert result.metrics["step"] == 2 and result.metrics["loss"] == result.metrics["loss"]  # trained, not NaN
 
 
