@@ -113,7 +113,15 @@ def one_size(n_pairs: int, resolution: int, workdir: Path) -> dict:
     from pipeline.config import load_config
     from pipeline.precompute import read_training_dataset, resolve_model_path, run_precompute
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # a busy 2-core machine sometimes misses Ray's node start-up deadline
+        try:
+            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
+            time.sleep(10)
     table = synthetic_table(workdir / f"table-{n_pairs}", n_pairs, resolution=resolution)
     cfg = load_config(None, [
         f"cluster.storage_path={workdir}", "model.tiny_fit_steps=0", f"data.source={table}",
