@@ -60,8 +60,13 @@ def registry_uri(cfg: AlignConfig) -> str:
 
 
 def run_owner() -> str:
-    """Who holds the lock, for the refusal message: the Ray job's submission id where there is one."""
-    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID") or "local"
+    """Who holds the lock, for the refusal message: the Ray job's submission id where there is one (Ray's job
+    supervisor hands the driver its metadata, which holds it, in RAY_JOB_CONFIG_JSON_ENV_VAR)."""
+    try:
+        metadata = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except ValueError:
+        metadata = {}
+    job = metadata.get("job_submission_id", "a local run")
     return f"{job} (pid {os.getpid()} on {socket.gethostname()})"
 
 

@@ -108,10 +108,10 @@ def test_ray_job_submit_with_working_dir_succeeds(head, storage):
     submit = [f"{VENV_BIN}/ray", "job", "submit", "--address", head["url"], "--submission-id", submission_id,
               "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
               "python", "jobs/align.py", "--set", f"cluster.storage_path={storage}", *TINY]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while True:  # the head's job agent registers a little after the job API answers ("try again later")
         run = subprocess.run(submit, cwd=ROOT, env=head_env(), capture_output=True, text=True, timeout=900)
-        if "No available agent" not in run.stderr or time.monotonic() > deadline:
+        if "No available agent" not in run.stdout + run.stderr or time.monotonic() > deadline:
             break
         time.sleep(3)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
