@@ -30,7 +30,6 @@ import logging
 import time
 from typing import Any
 
-
 from pipeline.config import AlignConfig
 from pipeline.data.readers import table_files
 from pipeline.data.toy import resolve_data_source
