@@ -56,9 +56,15 @@ def head():
     """A real head on free ports, in its own temp dir and process group; stopped (only it) at the end."""
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port, dashboard = free_port(), free_port()
+    # Every port the head listens on is picked free: the defaults (52365 for the job agent, ...) clash with any
+    # other Ray on the machine, and a head whose job agent cannot bind accepts no submissions.
+    agent_ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                          "metrics-export-port", "runtime-env-agent-port",
+                                                          "ray-client-server-port")]
     proc = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", *agent_ports, "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"],
         cwd=ROOT, env=head_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
