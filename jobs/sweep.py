@@ -18,6 +18,8 @@ def main() -> None:
     cfg = parse(__doc__.splitlines()[0])
     init_ray(cfg)
     result = run_sweep(cfg)
+    if result.interrupted:
+        raise SystemExit(130)  # as after Ctrl-C; run_sweep said how to resume
     if result.best is None:
         print(f"[sweep] no trial finished; see {result.sweep_uri}/sweep.json for each trial's reason")
         raise SystemExit(1)

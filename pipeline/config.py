@@ -121,7 +121,9 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     name: str = "sweep"  # the sweep lives at <storage>/<name>/<tune.name>; the same command again resumes it
-    num_samples: int = 2  # samples of the random dimensions (choice/uniform/loguniform); grids are crossed whole
+    # Draws of the random dimensions (choice/uniform/loguniform) per grid point; a space of grids alone runs each
+    # point once. Trials = num_samples x the grid's points.
+    num_samples: int = 1
     max_concurrent_trials: int = 1  # each trial is a driver (1 CPU) plus train.num_workers workers
     metric: str = "holdout_accuracy"  # a metric the training reports (README "Sweeps")
     mode: Literal["max", "min"] = "max"

@@ -38,13 +38,18 @@ S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "A
 
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint):
-    """A local Ray with this machine's CPUs; tests that need Ray take this fixture (its workers reach s3_endpoint)."""
+    """A local Ray with this machine's CPUs; tests that need Ray take this fixture (its workers reach s3_endpoint).
+
+    The dashboard stays on, as on users' clusters: Ray Train V2's placement-group cleaner asks the state API (served
+    by the dashboard) whether a run's controller is gone, and without it the placement groups of finished or
+    stopped runs are never freed, so a later run (a sweep's next trial) waits for CPUs forever."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=max(2, os.cpu_count() or 2),
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
                                       **{key: os.environ[key] for key in S3_ENV}}},

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.config import AlignConfig, join_uri
 from pipeline.storage import absolute, exists, write_text
-from pipeline.tune.space import tune_param_space, with_values
+from pipeline.tune.space import samples_and_trials, tune_param_space, with_values
 
 TRIALS_FOLDER = "trials"
 DRIVER_NUM_CPUS = 1.0  # the trial's own process, beside its Train workers (it never trains itself)
@@ -37,6 +37,7 @@ class SweepResult:
     trials: list[dict[str, Any]]  # one row per trial, see trial_row
     best: dict[str, Any] | None  # the best finished trial's row (None when no trial finished)
     report_path: str | None  # the best trial's report (None without evaluation)
+    interrupted: bool = False  # stopped (Ctrl-C) before every trial ended: run the same command again to resume
 
 
 def sweep_uri(cfg: AlignConfig) -> str:
@@ -119,10 +120,11 @@ def build_tuner(cfg: AlignConfig, *, store_uri: str, model_path: str):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     t = cfg.tune
+    num_samples, _ = samples_and_trials(t.search_space, t.num_samples)
     return tune.Tuner(
         trainable,
         param_space=tune_param_space(t.search_space),
-        tune_config=tune.TuneConfig(num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials,
+        tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=t.max_concurrent_trials,
                                     scheduler=scheduler(cfg)),
         run_config=tune.RunConfig(name=t.name, storage_path=absolute(cfg.run_dir),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
@@ -159,10 +161,13 @@ def trial_row(result, cfg: AlignConfig, trial_cfg: AlignConfig | None) -> dict[s
     }
 
 
-def interrupted_trials(grid) -> list[str]:
-    """Trials neither terminated nor errored: an interrupted sweep (Tune returns from fit on SIGINT)."""
+def unfinished_trials(grid, expected: int) -> int:
+    """How many of the sweep's `expected` trials have not ended. Tune returns from fit on SIGINT with its state
+    saved; trials it had not created yet are missing from the grid, and created ones are neither terminated nor
+    errored."""
     trials = grid._experiment_analysis.trials  # the Trial objects; a Result carries no status
-    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    return max(expected - ended, len(trials) - ended)
 
 
 def best_trial(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
@@ -196,7 +201,7 @@ def run_sweep(cfg: AlignConfig, *, evaluate: bool = True) -> SweepResult:
         trial_cfg = trial_config(cfg.to_dict(), params, trial_id=trial_id, sweep=sweep, store_uri=store_uri,
                                  model_path=model_path)
         rows.append(trial_row(result, cfg, trial_cfg))
-    unfinished = interrupted_trials(grid)
+    unfinished = unfinished_trials(grid, samples_and_trials(cfg.tune.search_space, cfg.tune.num_samples)[1])
     best = best_trial(rows, cfg.tune.mode)
     section = {"metric": cfg.tune.metric, "mode": cfg.tune.mode, "best": best["trial_id"] if best else None,
                "trials": rows, "plot": plot_sweep(rows, cfg.tune.metric, f"{sweep}/sweep_metric.png")}
@@ -205,9 +210,9 @@ def run_sweep(cfg: AlignConfig, *, evaluate: bool = True) -> SweepResult:
         print(f"[sweep] {row['trial_id']} {row['status']} at step {row['last_step']}: {cfg.tune.metric}="
               f"{row['metric']} {row['config']}" + (f" ({row['error']})" if row["error"] else ""), flush=True)
     if unfinished:  # Ctrl-C: Tune saved the sweep's state and returned; the best trial is not known yet
-        print(f"[sweep] interrupted with {len(unfinished)} trials unfinished; run the same command again to resume",
+        print(f"[sweep] interrupted with {unfinished} trials unfinished; run the same command again to resume",
               flush=True)
-        return SweepResult(sweep, rows, None, None)
+        return SweepResult(sweep, rows, None, None, interrupted=True)
     if best is None or not evaluate:
         return SweepResult(sweep, rows, best, None)
     from pipeline.evaluate.run import evaluate_models

@@ -104,6 +104,19 @@ def check_search_space(cfg) -> None:
                 raise ConfigError(f"{where}: value {value!r} would be refused: {err}") from None
 
 
+def samples_and_trials(space: dict[str, Any], num_samples: int) -> tuple[int, int]:
+    """(Tune's num_samples, the sweep's number of trials). Tune repeats the whole grid once per sample, so
+    ``tune.num_samples`` draws of the random dimensions give num_samples x grid-size trials; a space of grids alone
+    has nothing to draw and runs each grid point once."""
+    dims = parse_search_space(space)
+    grid_points = 1
+    for dim in dims:
+        if dim.kind == "grid":
+            grid_points *= len(dim.values)
+    samples = num_samples if any(dim.kind != "grid" for dim in dims) else 1
+    return samples, samples * grid_points
+
+
 def tune_param_space(space: dict[str, Any]) -> dict[str, Any]:
     """Ray Tune's param_space: the dotted keys stay flat (each trial's config is {dotted key: value})."""
     from ray import tune

@@ -25,6 +25,7 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.precompute import run_precompute
 from pipeline.tune.run import check_sweep, run_sweep
+from pipeline.tune.space import samples_and_trials
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,13 @@ def test_search_space_values_the_config_refuses_stop_the_sweep_before_it_starts(
     cfg = load_config(None, ["tune.search_space={loss.alpha: {uniform: [0.0, 1.0]}}", "train.max_steps=20"])
     with pytest.raises(ConfigError, match="evaluate.every_steps"):
         check_sweep(cfg)  # ASHA would never see the holdout metric before its first rung
+
+
+def test_trial_count_crosses_the_grid_with_the_draws_of_the_random_dimensions():
+    grid = {"loss.beta": [1, 2], "loss.tau": {"grid": [0.1, 0.2, 0.3]}}
+    assert samples_and_trials(grid, 4) == (1, 6)  # nothing to draw: each grid point once
+    assert samples_and_trials({**grid, "loss.alpha": {"uniform": [0.0, 1.0]}}, 4) == (4, 24)
+    assert samples_and_trials({"train.lr": {"loguniform": [1e-6, 1e-4]}}, 3) == (3, 3)
 
 
 def _store_files(store: Path) -> dict[str, float]:
