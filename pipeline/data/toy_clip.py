@@ -1,0 +1,116 @@
+"""Fit a tiny OpenCLIP model contrastively on the toy world, so its similarities mean what a real CLIP's do.
+
+RPO weights every (winner i, loser j) contrast by CLIP similarities of their prompts and images. With random
+weights the tiny CLIP's image embeddings mostly encode colour statistics (a style's), and its text embeddings
+mostly the tokens' random vectors: the weights then carry no meaning. Fitted here on toy captions and renders:
+
+- image-text InfoNCE (CLIP's loss), where every image of a scene, in any style, is a positive of its caption, so
+  the image side must encode the scene (shape, colour, position, background) and not the style;
+- image-image InfoNCE between two styles of the same scene, which states the same invariance directly.
+
+Text similarity then follows from the images: captions whose scenes look alike (same shape and colour) come
+out close. This module is the toy world's (it knows the renders and captions). Not used by the pipeline yet: the
+toy-world alignment benchmark (issue 14) is to build the tiny CLIP, fit it here when its cached weights are missing
+(keyed by `ToyClipSettings.tag()`), and load them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.toy import STYLES, random_scene, render_scene
+
+# Scenes for the fit come from their own seed, never a preference set's (toy worlds use small seeds) nor the
+# base model fit's; held-apart checks use yet another.
+FIT_SCENE_SEED = 3_000_017
+
+
+@dataclass(frozen=True)
+class ToyClipSettings:
+    """What decides the fitted weights (the cache folder's name carries `tag()`)."""
+
+    scenes: int = 1024  # each rendered in every style
+    resolution: int = 64
+    steps: int = 300
+    batch: int = 64  # scenes per step; each comes in two different styles
+    lr: float = 2e-3
+    seed: int = 0
+
+    def tag(self) -> str:
+        return f"s{self.scenes}_r{self.resolution}_n{self.steps}_b{self.batch}_seed{self.seed}"
+
+
+def toy_scene_renders(*, scenes: int, resolution: int, seed: int) -> tuple[list[str], list[list]]:
+    """Captions of `scenes` random scenes and, per scene, its renders in every style (PIL images, STYLES order)."""
+    rng = np.random.default_rng(seed)
+    captions, renders = [], []
+    for _ in range(scenes):
+        scene = random_scene(rng)
+        captions.append(scene.caption)
+        renders.append([render_scene(scene, style, resolution=resolution, seed=int(rng.integers(2**32)))
+                        for style in STYLES])
+    return captions, renders
+
+
+def fit_toy_clip(model, preprocess, tokenizer, settings: ToyClipSettings) -> dict:
+    """Fit the open_clip `model` in place (its `preprocess` and `tokenizer` are the ones embedding uses).
+    Returns first/last losses and the time taken."""
+    started = time.perf_counter()
+    captions, renders = toy_scene_renders(scenes=settings.scenes, resolution=settings.resolution, seed=FIT_SCENE_SEED)
+    # Preprocessed once: [scenes, styles, 3, s, s]; tokens once: [scenes, 77].
+    pixels = torch.stack([torch.stack([preprocess(image) for image in styles]) for styles in renders])
+    tokens = tokenizer(captions)
+    # Equal captions (two draws of the same scene) are positives of each other, not negatives.
+    caption_ids = torch.tensor(np.unique(np.array(captions), return_inverse=True)[1])
+    generator = torch.Generator().manual_seed(settings.seed)
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=max(1, settings.steps),
+                                                   pct_start=0.1)
+    losses = []
+    for _ in range(settings.steps):
+        index = torch.randperm(len(captions), generator=generator)[: settings.batch]
+        # Two different styles per scene: a random first one and a random other one.
+        first = torch.randint(0, len(STYLES), (len(index),), generator=generator)
+        second = (first + torch.randint(1, len(STYLES), (len(index),), generator=generator)) % len(STYLES)
+        images = torch.cat([pixels[index, first], pixels[index, second]])
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(model.encode_text(tokens[index]), dim=-1)
+        same = (caption_ids[index][:, None] == caption_ids[index][None, :]).float()
+        loss = contrastive_loss(image_features, text_features, same, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))  # CLIP's clamp
+        losses.append(loss.item())
+    model.eval().requires_grad_(False)
+    window = max(1, min(20, len(losses) // 5))
+    return {
+        "steps": settings.steps, "first_loss": float(np.mean(losses[:window])) if losses else None,
+        "last_loss": float(np.mean(losses[-window:])) if losses else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, same: torch.Tensor,
+                     scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with several positives. `image_features` [2B, E]: two styles of B scenes (first half, second half);
+    `text_features` [B, E]; `same` [B, B] 1 where two scenes share a caption. Targets spread evenly over the
+    positives of a row."""
+    b = len(text_features)
+    two_styles = torch.cat([same, same])  # [2B, B]: an image's positive captions
+    targets = lambda m: m / m.sum(1, keepdim=True)  # noqa: E731
+    logits = scale * image_features @ text_features.T  # [2B, B]
+    image_to_text = F.cross_entropy(logits, targets(two_styles))
+    text_to_image = F.cross_entropy(logits.T, targets(two_styles.T))
+    first, second = image_features[:b], image_features[b:]
+    cross = scale * first @ second.T  # [B, B]: style a of scene i against style b of scene j
+    image_to_image = 0.5 * (F.cross_entropy(cross, targets(same)) + F.cross_entropy(cross.T, targets(same)))
+    return (image_to_text + text_to_image) / 2 + image_to_image
