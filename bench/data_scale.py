@@ -104,6 +104,20 @@ class PeakSampler:
         return {"driver_peak_mib": self.driver_peak / 2**20, "worker_peak_mib": rss / 2**20, "worker": title}
 
 
+def start_ray() -> None:
+    import ray
+
+    for attempt in range(3):  # a busy 2-core machine sometimes misses Ray's node start-up deadline
+        try:
+            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
+            time.sleep(10)
+
+
 def one_size(n_pairs: int, resolution: int, workdir: Path) -> dict:
     """Runs in a fresh process: table, precompute, one pass of the training reader."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -113,15 +127,7 @@ def one_size(n_pairs: int, resolution: int, workdir: Path) -> dict:
     from pipeline.config import load_config
     from pipeline.precompute import read_training_dataset, resolve_model_path, run_precompute
 
-    for attempt in range(3):  # a busy 2-core machine sometimes misses Ray's node start-up deadline
-        try:
-            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            if attempt == 2:
-                raise
-            ray.shutdown()
-            time.sleep(10)
+    start_ray()
     table = synthetic_table(workdir / f"table-{n_pairs}", n_pairs, resolution=resolution)
     cfg = load_config(None, [
         f"cluster.storage_path={workdir}", "model.tiny_fit_steps=0", f"data.source={table}",
@@ -132,7 +138,9 @@ def one_size(n_pairs: int, resolution: int, workdir: Path) -> dict:
     with PeakSampler() as sampler:
         summary = run_precompute(cfg)
     precompute = {"pairs": summary["new_pairs"], "seconds": summary["seconds"]["total"], **sampler.result()}
-    with PeakSampler(worker_title="PairFeatureJoin") as sampler:  # not precompute's idle workers
+    ray.shutdown()  # the reader gets fresh worker processes: precompute's pooled workers keep their memory
+    start_ray()
+    with PeakSampler(worker_title="pair_features") as sampler:  # the reader's tasks (not Ray's own actors)
         start, rows = time.monotonic(), 0
         for batch in read_training_dataset(summary["store_uri"]).iter_batches(batch_size=64, batch_format="numpy"):
             rows += len(batch["pair_id"])

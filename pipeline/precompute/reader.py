@@ -10,9 +10,10 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipeline.precompute.store import SPLITS, FeatureStore, read_manifest, stacked_tensors
-from pipeline.storage import absolute
+from pipeline.precompute.store import SPLITS, TABLE_KEYS, FeatureStore, read_manifest, stacked_tensors
+from pipeline.storage import absolute, filesystem
 
 PAIR_BLOCK_ROWS = 256  # pairs per Ray Data block of the training dataset
 
@@ -30,61 +31,98 @@ def load_empty_prompt(store_uri: str) -> tuple[np.ndarray, np.ndarray]:
     return prompt, pooled
 
 
-class PairFeatureJoin:
-    """Ray Data stage of ``read_training_dataset``: turn pair rows into logical training rows.
+def feature_locations(store: FeatureStore, manifest: dict, table: str) -> pa.Table:
+    """Where each committed row of ``table`` ("images" or "texts") lives: its key, ``shard`` (index into the
+    manifest's list of that table's shards) and ``row`` within the shard. Only the key column of each shard is read
+    (about 70 bytes a row), never the features."""
+    key = TABLE_KEYS[table]
+    parts = []
+    for index, path in enumerate(store.shard_paths(manifest, table)):
+        keys = pq.read_table(path, filesystem=store.fs, columns=[key]).column(key)
+        parts.append(pa.table({
+            key: keys,
+            "shard": pa.array(np.full(len(keys), index, dtype=np.int32)),
+            "row": pa.array(np.arange(len(keys), dtype=np.int32)),
+        }))
+    if not parts:
+        return pa.table({key: pa.array([], pa.string()), "shard": pa.array([], pa.int32()),
+                         "row": pa.array([], pa.int32())})
+    return pa.concat_tables(parts)
 
-    Each actor reads, once, the texts and images that the split's pairs refer to (with pyarrow, straight from
-    the committed shards) into memory, then answers every batch with array lookups. Scaling trade-off: the actor
-    holds the split's features in memory (an SDXL latent is ~130 KB, a caption's embeddings ~320 KB: 10^4 SDXL
-    pairs are ~6 GB; 10^5 tiny-model pairs fit easily). Beyond that, ``Dataset.join`` (a distributed hash
-    shuffle) is the scalable route. It is not used because Ray 2.60's join needs the ``polars`` package, which this
-    environment lacks (the join fails with ImportError), and its aggregator actors would compete with the training
-    workers for a small node's CPUs; this lookup needs one actor at a quarter CPU.
-    """
 
-    def __init__(self, store_uri: str, split: str):
-        store = FeatureStore(store_uri)
-        manifest = read_manifest(store_uri)
-        self.split = split
-        pairs = store.read_table(manifest, "pairs", columns=["caption_hash", "image_w_hash", "image_l_hash", "split"])
-        pairs = pairs.filter(pc.equal(pairs.column("split"), split))
-        image_keys = set(pairs.column("image_w_hash").to_pylist()) | set(pairs.column("image_l_hash").to_pylist())
-        text_keys = set(pairs.column("caption_hash").to_pylist())
-        images = store.read_table(manifest, "images", keys=sorted(image_keys))
-        texts = store.read_table(manifest, "texts", keys=sorted(text_keys))
-        self.image_index = {h: i for i, h in enumerate(images.column("image_hash").to_pylist())}
-        self.text_index = {h: i for i, h in enumerate(texts.column("caption_hash").to_pylist())}
-        self.latents = stacked_tensors(images.column("latents"), images.column("latent_shape").to_pylist())
-        self.clip_image = stacked_tensors(images.column("clip_image"))
-        self.add_time_ids = stacked_tensors(images.column("add_time_ids"))
-        prompt_shapes = texts.column("prompt_embeds_shape").to_pylist()
-        self.prompt_embeds = stacked_tensors(texts.column("prompt_embeds"), prompt_shapes)
-        self.pooled = stacked_tensors(texts.column("pooled_prompt_embeds"))
-        self.clip_text = stacked_tensors(texts.column("clip_text"))
+def locate_pairs(pairs: pa.Table, images: pa.Table, texts: pa.Table) -> pa.Table:
+    """``pairs`` (in its order) with the shard and row of its winner, loser and caption features:
+    ``w_shard``, ``w_row``, ``l_shard``, ``l_row``, ``t_shard``, ``t_row``. A pair whose feature the store does not
+    hold is an error naming it (a damaged store)."""
+    located = pairs.select(["pair_id", "caption_hash", "image_w_hash", "image_l_hash"]).append_column(
+        "position", pa.array(np.arange(pairs.num_rows, dtype=np.int64)))
+    for side, key, locations, hash_column in (("w", "image_hash", images, "image_w_hash"),
+                                              ("l", "image_hash", images, "image_l_hash"),
+                                              ("t", "caption_hash", texts, "caption_hash")):
+        renamed = locations.rename_columns([hash_column + "_key", f"{side}_shard", f"{side}_row"])
+        located = located.join(renamed, keys=hash_column, right_keys=hash_column + "_key", join_type="left outer")
+        missing = located.filter(pc.is_null(located.column(f"{side}_shard")))
+        if missing.num_rows:
+            what = "caption" if side == "t" else "image"
+            raise KeyError(f"committed pair {missing.column('pair_id')[0]} refers to {what} "
+                           f"{missing.column(hash_column)[0]} that the store does not hold; the store is damaged, "
+                           f"re-run precompute into a new store")
+    located = located.sort_by("position")
+    return located.select(["pair_id", "w_shard", "w_row", "l_shard", "l_row", "t_shard", "t_row"])
 
-    def _rows(self, index: dict[str, int], hashes: np.ndarray, what: str) -> np.ndarray:
-        try:
-            return np.array([index[h] for h in hashes], dtype=np.int64)
-        except KeyError as err:
-            raise KeyError(f"a committed pair refers to {what} {err.args[0]} that the store does not hold") from err
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep = batch["split"] == self.split
-        w = self._rows(self.image_index, batch["image_w_hash"][keep], "image")
-        l_ = self._rows(self.image_index, batch["image_l_hash"][keep], "image")
-        t = self._rows(self.text_index, batch["caption_hash"][keep], "caption")
-        return {
-            "pair_id": batch["pair_id"][keep],
-            "latents_w": self.latents[w],
-            "latents_l": self.latents[l_],
-            "prompt_embeds": self.prompt_embeds[t],
-            "pooled_prompt_embeds": self.pooled[t],
-            "add_time_ids_w": self.add_time_ids[w],
-            "add_time_ids_l": self.add_time_ids[l_],
-            "clip_text": self.clip_text[t],
-            "clip_image_w": self.clip_image[w],
-            "clip_image_l": self.clip_image[l_],
-        }
+def gather_rows(fs, paths: Sequence[str], shards: np.ndarray, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+    """The rows (``shards[i]``, ``rows[i]``) of the shard files ``paths``, in request order, reading only the
+    Parquet row groups that hold them, one at a time: memory is the answer plus one row group."""
+    pieces, order = [], []
+    requests = np.arange(len(rows))
+    for shard in np.unique(shards):
+        wanted = requests[shards == shard]
+        with fs.open_input_file(paths[shard]) as handle:
+            parquet = pq.ParquetFile(handle)
+            ends = np.cumsum([parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            groups = np.searchsorted(ends, rows[wanted], side="right")
+            for group in np.unique(groups):
+                in_group = wanted[groups == group]
+                first = 0 if group == 0 else int(ends[group - 1])
+                block = parquet.read_row_group(int(group), columns=list(columns))
+                pieces.append(block.take(pa.array(rows[in_group] - first)))
+                order.append(in_group)
+    if not pieces:
+        return pa.table({})
+    gathered = pa.concat_tables(pieces)
+    return gathered.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+
+
+IMAGE_COLUMNS = ("latents", "latent_shape", "clip_image", "add_time_ids")
+TEXT_COLUMNS = ("prompt_embeds", "prompt_embeds_shape", "pooled_prompt_embeds", "clip_text")
+
+
+def pair_features(batch: dict[str, np.ndarray], *, store_uri: str, image_paths: Sequence[str],
+                  text_paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """Ray Data stage of ``read_training_dataset``: located pair rows -> logical training rows. A task per block,
+    reading only the row groups its pairs need, so no process ever holds more than a few blocks of features."""
+    fs, _ = filesystem(store_uri)
+    n = len(batch["pair_id"])
+    images = gather_rows(fs, image_paths, np.concatenate([batch["w_shard"], batch["l_shard"]]),
+                         np.concatenate([batch["w_row"], batch["l_row"]]), IMAGE_COLUMNS)
+    texts = gather_rows(fs, text_paths, batch["t_shard"], batch["t_row"], TEXT_COLUMNS)
+    latents = stacked_tensors(images.column("latents"), images.column("latent_shape").to_pylist())
+    clip_image = stacked_tensors(images.column("clip_image"))
+    time_ids = stacked_tensors(images.column("add_time_ids"))
+    return {
+        "pair_id": batch["pair_id"],
+        "latents_w": latents[:n],
+        "latents_l": latents[n:],
+        "prompt_embeds": stacked_tensors(texts.column("prompt_embeds"),
+                                         texts.column("prompt_embeds_shape").to_pylist()),
+        "pooled_prompt_embeds": stacked_tensors(texts.column("pooled_prompt_embeds")),
+        "add_time_ids_w": time_ids[:n],
+        "add_time_ids_l": time_ids[n:],
+        "clip_text": stacked_tensors(texts.column("clip_text")),
+        "clip_image_w": clip_image[:n],
+        "clip_image_l": clip_image[n:],
+    }
 
 
 def read_training_dataset(store_uri: str, *, split: str = "train", pair_ids: Sequence[str] | None = None):
@@ -95,10 +133,14 @@ def read_training_dataset(store_uri: str, *, split: str = "train", pair_ids: Seq
     [6] (per image: winner and loser may differ in original size and crop, an improvement on DESIGN's single
     ``add_time_ids``); ``clip_text``, ``clip_image_w``, ``clip_image_l`` float32 [E].
 
-    ``pair_ids`` (optional) keeps only those pairs of the split: re-alignment's chosen mix of new and old pairs.
+    ``pair_ids`` (optional) keeps only those pairs of the split (in store order): re-alignment's chosen mix of new
+    and old pairs. Only shards listed in the manifest are read.
 
-    ``pair_ids`` limits the rows to those pairs (in store order). Only shards listed in the manifest are read. The stages ask for a quarter CPU each so the dataset streams
-    beside Ray Train workers on a 2-CPU node (two workers of 0.5 CPU) instead of waiting for a whole core.
+    How it scales: the driver reads the split's pair table (ids and hashes, ~300 bytes a pair) and the key columns of
+    the feature shards, and joins them (pyarrow) into blocks of ``PAIR_BLOCK_ROWS`` pairs that name the shard and
+    row of each feature. A task per block then reads just the Parquet row groups those rows sit in
+    (``precompute.store.FEATURE_ROW_GROUP_ROWS`` rows each), so workers hold a few blocks, never the split. The
+    tasks ask for a quarter CPU so the dataset streams beside Ray Train workers on a 2-CPU node.
     """
     import ray
 
@@ -117,11 +159,14 @@ def read_training_dataset(store_uri: str, *, split: str = "train", pair_ids: Seq
         pairs = pairs.filter(pc.is_in(pairs.column("pair_id"), pa.array(sorted(set(pair_ids)), pa.string())))
     if pairs.num_rows == 0:
         return ray.data.from_items([])  # a store with no pairs in this split: an empty dataset, not an error
-    blocks = [pairs.slice(start, PAIR_BLOCK_ROWS) for start in range(0, pairs.num_rows, PAIR_BLOCK_ROWS)]
+    located = locate_pairs(pairs, feature_locations(store, manifest, "images"),
+                           feature_locations(store, manifest, "texts"))
+    blocks = [located.slice(start, PAIR_BLOCK_ROWS) for start in range(0, located.num_rows, PAIR_BLOCK_ROWS)]
     return ray.data.from_arrow(blocks).map_batches(
-        PairFeatureJoin,
-        fn_constructor_kwargs={"store_uri": store_uri, "split": split},
-        compute=ray.data.ActorPoolStrategy(size=1),
+        pair_features,
+        fn_kwargs={"store_uri": store_uri, "image_paths": store.shard_paths(manifest, "images"),
+                   "text_paths": store.shard_paths(manifest, "texts")},
+        batch_size=None,  # one block, as planned: its pairs' features only
         batch_format="numpy",
         num_cpus=0.25,
     )

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.data.schema import caption_hash
-from pipeline.precompute.reader import load_empty_prompt, read_training_dataset
+from pipeline.precompute.reader import feature_locations, gather_rows, load_empty_prompt, locate_pairs, read_training_dataset
 from pipeline.precompute.store import (
     FeatureStore,
     StoreMismatchError,
@@ -201,6 +201,41 @@ def test_read_training_dataset_gives_logical_rows(tmp_path, ray_session):
 
     holdout = _rows_by_id(read_training_dataset(str(tmp_path / "store"), split="holdout"))
     assert sorted(holdout) == ["p2"] and holdout["p2"]["latents_l"].shape == (4, 8, 8)
+
+
+def test_gather_reads_rows_across_shards_and_row_groups_in_request_order(tmp_path):
+    from pipeline.precompute.store import FEATURE_ROW_GROUP_ROWS
+
+    store = FeatureStore(str(tmp_path / "store"))
+    n = FEATURE_ROW_GROUP_ROWS * 2 + 5  # three row groups in each shard
+    first, first_arrays = _images(n, seed=1)
+    second, second_arrays = _images(n, seed=2)
+    second = second.set_column(0, "image_hash", pa.array([f"b{i}" for i in range(n)]))
+    entries = [store.write_shard("images", first), store.write_shard("images", second)]
+    manifest = add_shards(new_manifest(SETTINGS), "images", entries)
+    locations = feature_locations(store, manifest, "images")
+    assert locations.num_rows == 2 * n and locations.column("shard").to_pylist()[n] == 1
+    shards = np.array([1, 0, 1, 0, 0, 1])
+    rows = np.array([n - 1, 3, 0, FEATURE_ROW_GROUP_ROWS + 1, 3, FEATURE_ROW_GROUP_ROWS * 2])
+    got = gather_rows(store.fs, store.shard_paths(manifest, "images"), shards, rows, ["latents", "latent_shape"])
+    latents = stacked_tensors(got.column("latents"), got.column("latent_shape").to_pylist())
+    expected = [(second_arrays if s else first_arrays)["latents"][r] for s, r in zip(shards, rows)]
+    assert np.array_equal(latents, np.stack(expected))
+
+
+def test_pairs_are_located_in_their_order_and_a_missing_feature_is_named():
+    images = pa.table({"image_hash": ["x", "y", "z"], "shard": pa.array([0, 1, 1], pa.int32()),
+                       "row": pa.array([4, 0, 7], pa.int32())})
+    texts = pa.table({"caption_hash": ["c"], "shard": pa.array([2], pa.int32()), "row": pa.array([9], pa.int32())})
+    pairs = pa.table({"pair_id": ["p2", "p1", "p3"], "caption_hash": ["c", "c", "c"],
+                      "image_w_hash": ["z", "x", "y"], "image_l_hash": ["x", "y", "z"]})
+    located = locate_pairs(pairs, images, texts)
+    assert located.column("pair_id").to_pylist() == ["p2", "p1", "p3"]
+    assert located.column("w_shard").to_pylist() == [1, 0, 1] and located.column("w_row").to_pylist() == [7, 4, 0]
+    assert located.column("l_row").to_pylist() == [4, 0, 7] and located.column("t_row").to_pylist() == [9, 9, 9]
+    broken = pairs.set_column(3, "image_l_hash", pa.array(["x", "gone", "z"]))
+    with pytest.raises(KeyError, match="pair p1 refers to image gone"):
+        locate_pairs(broken, images, texts)
 
 
 def test_read_training_dataset_sd15_has_zero_length_pooled(tmp_path, ray_session):
