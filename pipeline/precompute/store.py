@@ -91,8 +91,8 @@ TABLE_SCHEMAS = {
     "quarantine": STORE_QUARANTINE_SCHEMA,
 }
 # Feature shards are written in row groups this small, so the training reader can read one pair's latents or
-# caption embeddings without the rest of its shard (an SDXL text row is ~315 KB: a 32-row group is ~10 MB).
-FEATURE_ROW_GROUP_ROWS = 32
+# caption embeddings without the rest of its shard (an SDXL text row is ~315 KB: an 8-row group is ~2.5 MB).
+FEATURE_ROW_GROUP_ROWS = 8
 TABLE_KEYS = {"texts": "caption_hash", "images": "image_hash", "pairs": "pair_id", "quarantine": None}
 # Settings recorded for information only: the same weights under another path or tag are the same model.
 INFORMATIONAL_SETTINGS = ("model.source", "clip.pretrained")
