@@ -20,24 +20,38 @@ class Reference:
     def __init__(self, runner: Callable, *, adapters_off_of: Any = None):
         self.runner = runner
         self.module = getattr(runner, "module", runner)  # a DeepSpeed engine holds the UNet as .module
-        self._adapters_of = adapters_off_of  # the peft-adapted UNet, for LoRA
+        # LoRA: the peft adapter layers of the adapted UNet, found once. diffusers' disable_adapters() /
+        # enable_adapters() walk every module of the UNet on each call (twice a step); switching the layers
+        # themselves does the same (peft's BaseTunerLayer.enable_adapters) without the walk.
+        self._adapter_layers = [] if adapters_off_of is None else _adapter_layers(adapters_off_of)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """While inside, `self.runner` computes the reference (LoRA: adapters off); never with gradients."""
         with torch.no_grad():
-            if self._adapters_of is None:
+            if not self._adapter_layers:
                 yield
                 return
-            self._adapters_of.disable_adapters()
+            for layer in self._adapter_layers:
+                layer.enable_adapters(False)
             try:
                 yield
             finally:
-                self._adapters_of.enable_adapters()
+                for layer in self._adapter_layers:
+                    layer.enable_adapters(True)
 
     def __call__(self, *args, **kwargs):
         with self.active():
             return self.runner(*args, **kwargs)
+
+
+def _adapter_layers(unet: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("a LoRA reference needs a UNet with peft adapters; this one has none")
+    return layers
 
 
 def frozen_copy(unet: torch.nn.Module) -> Reference:
