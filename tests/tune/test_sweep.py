@@ -86,6 +86,10 @@ def _run_first_trial_then_interrupt(storage: Path, sweep: Path) -> None:
         if process.poll() is None:
             process.kill()
         log.close()
+    said = (storage / "first_run.log").read_text()
+    # interrupted, not finished: it says so, evaluates nothing and exits as after Ctrl-C
+    assert process.returncode == 130 and "trials unfinished; run the same command again" in said, said[-3000:]
+    assert "[sweep] best trial" not in said
 
 
 @pytest.fixture(scope="module")
