@@ -33,21 +33,16 @@ def load_empty_prompt(store_uri: str) -> tuple[np.ndarray, np.ndarray]:
 
 def feature_locations(store: FeatureStore, manifest: dict, table: str) -> pa.Table:
     """Where each committed row of ``table`` ("images" or "texts") lives: its key, ``shard`` (index into the
-    manifest's list of that table's shards) and ``row`` within the shard. Only the key column of each shard is read
-    (about 70 bytes a row), never the features."""
+    manifest's list of that table's shards) and ``row`` within the shard. Only the key column is read (about 70
+    bytes a row), never the features; the shard boundaries are the manifest's row counts."""
     key = TABLE_KEYS[table]
-    parts = []
-    for index, path in enumerate(store.shard_paths(manifest, table)):
-        keys = pq.read_table(path, filesystem=store.fs, columns=[key]).column(key)
-        parts.append(pa.table({
-            key: keys,
-            "shard": pa.array(np.full(len(keys), index, dtype=np.int32)),
-            "row": pa.array(np.arange(len(keys), dtype=np.int32)),
-        }))
-    if not parts:
-        return pa.table({key: pa.array([], pa.string()), "shard": pa.array([], pa.int32()),
-                         "row": pa.array([], pa.int32())})
-    return pa.concat_tables(parts)
+    keys = store.read_table(manifest, table, columns=[key]).column(key)
+    counts = [shard["rows"] for shard in manifest["tables"][table]]
+    return pa.table({
+        key: keys,
+        "shard": pa.array(np.repeat(np.arange(len(counts), dtype=np.int32), counts)),
+        "row": pa.array(np.concatenate([np.arange(n, dtype=np.int32) for n in counts] or [np.zeros(0, np.int32)])),
+    })
 
 
 def locate_pairs(pairs: pa.Table, images: pa.Table, texts: pa.Table) -> pa.Table:
@@ -56,9 +51,8 @@ def locate_pairs(pairs: pa.Table, images: pa.Table, texts: pa.Table) -> pa.Table
     hold is an error naming it (a damaged store)."""
     located = pairs.select(["pair_id", "caption_hash", "image_w_hash", "image_l_hash"]).append_column(
         "position", pa.array(np.arange(pairs.num_rows, dtype=np.int64)))
-    for side, key, locations, hash_column in (("w", "image_hash", images, "image_w_hash"),
-                                              ("l", "image_hash", images, "image_l_hash"),
-                                              ("t", "caption_hash", texts, "caption_hash")):
+    for side, locations, hash_column in (("w", images, "image_w_hash"), ("l", images, "image_l_hash"),
+                                         ("t", texts, "caption_hash")):
         renamed = locations.rename_columns([hash_column + "_key", f"{side}_shard", f"{side}_row"])
         located = located.join(renamed, keys=hash_column, right_keys=hash_column + "_key", join_type="left outer")
         missing = located.filter(pc.is_null(located.column(f"{side}_shard")))

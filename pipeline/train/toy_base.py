@@ -67,18 +67,13 @@ class ToyBaseSettings:
 def render_toy_images(*, scenes: int, resolution: int, seed: int = FIT_SCENE_SEED) -> tuple[np.ndarray, list[str], list[str]]:
     """uint8 [scenes * 3, H, W, 3] renders of `scenes` random scenes, each in every style, with their captions and
     styles (same order)."""
-    from pipeline.data.toy import STYLES, random_scene, render_scene
+    from pipeline.data.toy import STYLES
+    from pipeline.data.toy_clip import toy_scene_renders
 
-    rng = np.random.default_rng(seed)
-    pixels, captions, styles = [], [], []
-    for _ in range(scenes):
-        scene = random_scene(rng)
-        for style in STYLES:
-            image = render_scene(scene, style, resolution=resolution, seed=int(rng.integers(2**32)))
-            pixels.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
-            captions.append(scene.caption)
-            styles.append(style)
-    return np.stack(pixels), captions, styles
+    captions, renders = toy_scene_renders(scenes=scenes, resolution=resolution, seed=seed)
+    pixels = [np.asarray(image.convert("RGB"), dtype=np.uint8) for styles in renders for image in styles]
+    return (np.stack(pixels), [caption for caption in captions for _ in STYLES],
+            [style for _ in captions for style in STYLES])
 
 
 # -------------------------------------------------------------------------------------------------- VAE
