@@ -55,7 +55,9 @@ class ModelConfig:
     tiny_fit_steps: int = 400
     # OpenCLIP model for the similarity weights: "tiny" (random weights, offline) or an open_clip model name.
     clip_model: str = "tiny"
-    clip_pretrained: str | None = None  # an open_clip tag or a local weights file
+    # An open_clip tag or a local weights file; "toy" (with clip_model "tiny"): the tiny CLIP fitted on the toy world
+    # (pipeline/data/toy_clip.py), so RPO's similarity weights mean scene likeness as a real CLIP's do.
+    clip_pretrained: str | None = None
 
 
 @dataclass
@@ -116,6 +118,11 @@ class TrainConfig:
     # A Parquet file with a pair_id column: train on those of the store's train pairs only (re-alignment's mix of
     # new and old pairs). None: all of them.
     pair_ids: str | None = None
+    # How global batches are composed. "random": shuffled pairs. "planned": the store's batch plan, built once per
+    # store and global batch (pipeline/precompute/plan.py): each batch from one neighbourhood of the CLIP
+    # embeddings, so RPO contrasts related pairs; the same batches in the same order every epoch and on resume.
+    batches: Literal["random", "planned"] = "random"
+    plan_batches_per_cluster: int = 4  # neighbourhood size of the plan, in global batches
 
 
 @dataclass
@@ -360,6 +367,9 @@ def validate(cfg: AlignConfig) -> None:
     need(cfg.loss.beta > 0, "loss.beta", cfg.loss.beta, "a number > 0 (Diffusion-DPO uses 5000)")
     need(0.0 <= cfg.loss.alpha <= 1.0, "loss.alpha", cfg.loss.alpha, "a number in [0, 1]")
     need(cfg.loss.tau > 0, "loss.tau", cfg.loss.tau, "a number > 0")
+    if cfg.model.clip_pretrained == "toy" and cfg.model.clip_model != "tiny":
+        raise ConfigError(f"config key 'model.clip_pretrained': 'toy' is the toy world's fit of the tiny CLIP; set "
+                          f"model.clip_model=tiny (now {cfg.model.clip_model!r}) or another clip_pretrained")
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1")
     need(t.batch_size_per_worker >= 1, "train.batch_size_per_worker", t.batch_size_per_worker, "an integer >= 1")
@@ -374,6 +384,8 @@ def validate(cfg: AlignConfig) -> None:
     need(t.lora_rank >= 1, "train.lora_rank", t.lora_rank, "an integer >= 1")
     need(t.materialize_max_pairs >= 0, "train.materialize_max_pairs", t.materialize_max_pairs, "an integer >= 0")
     need(t.worker_num_cpus > 0, "train.worker_num_cpus", t.worker_num_cpus, "> 0")
+    need(t.plan_batches_per_cluster >= 1, "train.plan_batches_per_cluster", t.plan_batches_per_cluster,
+         "an integer >= 1")
     if t.offload_optimizer and t.optimizer == "adafactor":
         raise ConfigError(
             "config keys 'train.offload_optimizer' and 'train.optimizer': DeepSpeed's CPU offload needs AdamW; "

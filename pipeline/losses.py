@@ -270,6 +270,8 @@ def rpo_loss_global(
     beta: float,
     alpha: float,
     tau: float,
+    s_text: Tensor | None = None,
+    s_image: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This rank's share of the RPO loss over the global batch of all data-parallel ranks, and its metrics.
 
@@ -291,6 +293,10 @@ def rpo_loss_global(
     (The winners need no gather: each row is owned by exactly one rank.)
 
     Metrics cover this rank's B pairs, their own losers being global columns rank * B + i.
+
+    ``s_text``, ``s_image`` [B, N]: this rank's rows of the global batch's similarity matrices, columns in rank
+    order (a batch plan's stored matrices); given, they replace the ones computed from the embeddings, and only the
+    rewards are gathered.
     """
     rank, _ = _world()
     r_w = implicit_rewards(model_mse_w, ref_mse_w, beta=beta)
@@ -298,10 +304,18 @@ def rpo_loss_global(
     _check_vector("model_mse_l", model_mse_l, r_w.shape[0])
     # One collective for the three column quantities: [r_l | text | image_l] packed side by side. Only the
     # reward column carries gradient (the embeddings are detached constants).
-    text, image_l = text_emb.detach().to(r_l.dtype), image_emb_l.detach().to(r_l.dtype)
-    columns = all_gather_with_grad(torch.cat([r_l[:, None], text, image_l], dim=1))
-    r_l_all, text_all, image_l_all = columns.split([1, text.shape[1], image_l.shape[1]], dim=1)
-    weights = _weights_for_rows(text_emb.detach(), image_emb_w.detach(), text_all, image_l_all, alpha=alpha, tau=tau)
+    if s_text is not None and s_image is not None:
+        r_l_all = all_gather_with_grad(r_l[:, None])
+        if s_text.shape != (r_w.shape[0], r_l_all.shape[0]):
+            raise ValueError(f"stored similarity rows have shape {list(s_text.shape)}, the global batch needs "
+                             f"[{r_w.shape[0]}, {r_l_all.shape[0]}]: the batch plan was built for another global batch")
+        weights = weights_from_similarities(s_text, s_image, alpha=alpha, tau=tau)
+    else:
+        text, image_l = text_emb.detach().to(r_l.dtype), image_emb_l.detach().to(r_l.dtype)
+        columns = all_gather_with_grad(torch.cat([r_l[:, None], text, image_l], dim=1))
+        r_l_all, text_all, image_l_all = columns.split([1, text.shape[1], image_l.shape[1]], dim=1)
+        weights = _weights_for_rows(text_emb.detach(), image_emb_w.detach(), text_all, image_l_all,
+                                    alpha=alpha, tau=tau)
     loss = rpo_terms(r_w, r_l_all[:, 0], weights).mean()
     metrics = preference_metrics(r_w, r_l, weights, column_offset=rank * r_w.shape[0])
     return loss, metrics

@@ -306,3 +306,21 @@ def test_global_loss_without_distributed_is_the_plain_rpo_loss():
     )
     for key, value in expected.items():
         torch.testing.assert_close(metrics[key], value)
+
+
+def test_global_loss_with_stored_similarity_rows_is_the_loss_from_the_embeddings():
+    """A batch plan's stored S_text / S_image give the loss and gradient computed from the embeddings; a stored
+    matrix of another global batch size is refused."""
+    (mse_w, mse_l, ref_w, ref_l), (text, image_w, image_l) = random_batch(5, seed=23)
+    mse_w = mse_w.clone().requires_grad_(True)
+    from_embeddings, _ = rpo_loss_global(mse_w, mse_l, ref_w, ref_l, text, image_w, image_l,
+                                         beta=30.0, alpha=0.3, tau=0.2)
+    (expected_grad,) = torch.autograd.grad(from_embeddings, mse_w)
+    s_text, s_image = cosine_similarity_matrix(text, text), cosine_similarity_matrix(image_w, image_l)
+    stored, _ = rpo_loss_global(mse_w, mse_l, ref_w, ref_l, text, image_w, image_l, beta=30.0, alpha=0.3, tau=0.2,
+                                s_text=s_text, s_image=s_image)
+    torch.testing.assert_close(stored, from_embeddings)
+    torch.testing.assert_close(torch.autograd.grad(stored, mse_w)[0], expected_grad)
+    with pytest.raises(ValueError, match="batch plan was built for another global batch"):
+        rpo_loss_global(mse_w, mse_l, ref_w, ref_l, text, image_w, image_l, beta=30.0, alpha=0.3, tau=0.2,
+                        s_text=s_text[:, :4], s_image=s_image[:, :4])

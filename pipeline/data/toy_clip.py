@@ -9,15 +9,19 @@ mostly the tokens' random vectors: the weights then carry no meaning. Fitted her
 - image-image InfoNCE between two styles of the same scene, which states the same invariance directly.
 
 Text similarity then follows from the images: captions whose scenes look alike (same shape and colour) come
-out close. This module is the toy world's (it knows the renders and captions). Not used by the pipeline yet: the
-toy-world alignment benchmark (issue 14) is to build the tiny CLIP, fit it here when its cached weights are missing
-(keyed by `ToyClipSettings.tag()`), and load them.
+out close. This module is the toy world's (it knows the renders and captions). `model.clip_pretrained=toy` selects
+it (`pipeline.models.resolve.resolve_clip_pretrained`): the driver fits once, `toy_clip_weights` caches the weights
+file by `ToyClipSettings.tag()`, and every process loads that file through open_clip's own `pretrained=<file>` path,
+as it would a published checkpoint.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,3 +118,24 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     cross = scale * first @ second.T  # [B, B]: style a of scene i against style b of scene j
     image_to_image = 0.5 * (F.cross_entropy(cross, targets(same)) + F.cross_entropy(cross.T, targets(same)))
     return (image_to_text + text_to_image) / 2 + image_to_image
+
+
+def toy_clip_weights(folder: str | Path, settings: ToyClipSettings = ToyClipSettings()) -> Path:
+    """The weights file of the tiny OpenCLIP fitted on the toy world with ``settings``, fitted and saved under
+    ``folder`` the first time (a state dict open_clip loads as ``pretrained=<file>``), with a ``.json`` report."""
+    from pipeline.models.clip import ClipEmbedder
+
+    folder = Path(folder)
+    weights = folder / f"toy_clip_{settings.tag()}.pt"
+    if weights.is_file():
+        return weights
+    clip = ClipEmbedder("tiny")  # the seeded random start every process would build
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        report = fit_toy_clip(clip.model, clip.preprocess, clip.tokenizer, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".{weights.name}.{os.getpid()}.tmp"
+    torch.save(clip.model.state_dict(), temp)
+    os.replace(temp, weights)  # whole or absent: a concurrent or killed fit never leaves half a file
+    weights.with_suffix(".json").write_text(json.dumps({"settings": asdict(settings), **report}, indent=2) + "\n")
+    return weights

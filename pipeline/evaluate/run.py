@@ -41,7 +41,9 @@ def scorer_options(cfg: AlignConfig, name: str) -> dict[str, Any]:
         return {"target_style": cfg.data.toy_target_style}
     options = vars(getattr(cfg.evaluate, name)).copy()
     if name == "clip" and options["arch"] is None:
-        options["arch"], options["weights"] = cfg.model.clip_model, options["weights"] or cfg.model.clip_pretrained
+        from pipeline.models.resolve import resolve_clip_pretrained
+
+        options["arch"], options["weights"] = cfg.model.clip_model, options["weights"] or resolve_clip_pretrained(cfg)
     return options
 
 

@@ -29,3 +29,17 @@ def resolve_model_path(cfg: AlignConfig) -> str:
     build = build_tiny_sd15 if cfg.model.kind == "sd15" else build_tiny_sdxl
     return str(build(tiny_model_dir(cfg), toy_fit_steps=cfg.model.tiny_fit_steps,
                      toy_fit_resolution=cfg.precompute.resolution))
+
+
+TOY_CLIP = "toy"  # model.clip_pretrained: the tiny CLIP fitted on the toy world (pipeline.data.toy_clip)
+
+
+def resolve_clip_pretrained(cfg: AlignConfig) -> str | None:
+    """model.clip_pretrained as open_clip takes it: "toy" becomes the weights file of the tiny CLIP fitted on the
+    toy world (fitted once by the driver, cached under the run folder by its settings, so every process loads the
+    same weights); a tag or a file is returned as is."""
+    if cfg.model.clip_pretrained != TOY_CLIP:
+        return cfg.model.clip_pretrained
+    from pipeline.data.toy_clip import toy_clip_weights
+
+    return str(toy_clip_weights(local_run_dir(cfg.run_dir, cfg.name) / "toy_clip"))

@@ -93,42 +93,89 @@ def gather_rows(fs, paths: Sequence[str], shards: np.ndarray, rows: np.ndarray, 
 
 IMAGE_COLUMNS = ("latents", "latent_shape", "clip_image", "add_time_ids")
 TEXT_COLUMNS = ("prompt_embeds", "prompt_embeds_shape", "pooled_prompt_embeds", "clip_text")
+PLAN_COLUMNS = ("s_text", "s_image")
+FEATURE_SETS = ("all", "clip")  # "clip": only the CLIP embeddings (what the batch planner reads)
+PASSED_THROUGH = ("batch", "slot")  # a batch plan's columns, when the located rows carry them
 
 
 def pair_features(batch: dict[str, np.ndarray], *, store_uri: str, image_paths: Sequence[str],
-                  text_paths: Sequence[str]) -> dict[str, np.ndarray]:
+                  text_paths: Sequence[str], plan_paths: Sequence[str] = (), features: str = "all",
+                  ) -> dict[str, np.ndarray]:
     """Ray Data stage of ``read_training_dataset``: located pair rows -> logical training rows. A task per block,
-    reading only the row groups its pairs need, so no process ever holds more than a few blocks of features."""
+    reading only the row groups its pairs need, so no process ever holds more than a few blocks of features.
+    With ``plan_paths`` (a batch plan's files) each row also gets its rows of its batch's similarity matrices."""
     fs, _ = filesystem(store_uri)
     n = len(batch["pair_id"])
+    clip_only = features == "clip"
+    image_columns = ("clip_image",) if clip_only else IMAGE_COLUMNS
+    text_columns = ("clip_text",) if clip_only else TEXT_COLUMNS
     images = gather_rows(fs, image_paths, np.concatenate([batch["w_shard"], batch["l_shard"]]),
-                         np.concatenate([batch["w_row"], batch["l_row"]]), IMAGE_COLUMNS)
-    texts = gather_rows(fs, text_paths, batch["t_shard"], batch["t_row"], TEXT_COLUMNS)
-    latents = stacked_tensors(images.column("latents"), images.column("latent_shape").to_pylist())
+                         np.concatenate([batch["w_row"], batch["l_row"]]), image_columns)
+    texts = gather_rows(fs, text_paths, batch["t_shard"], batch["t_row"], text_columns)
     clip_image = stacked_tensors(images.column("clip_image"))
-    time_ids = stacked_tensors(images.column("add_time_ids"))
-    return {
-        "pair_id": batch["pair_id"],
-        "latents_w": latents[:n],
-        "latents_l": latents[n:],
-        "prompt_embeds": stacked_tensors(texts.column("prompt_embeds"),
-                                         texts.column("prompt_embeds_shape").to_pylist()),
-        "pooled_prompt_embeds": stacked_tensors(texts.column("pooled_prompt_embeds")),
-        "add_time_ids_w": time_ids[:n],
-        "add_time_ids_l": time_ids[n:],
-        "clip_text": stacked_tensors(texts.column("clip_text")),
-        "clip_image_w": clip_image[:n],
-        "clip_image_l": clip_image[n:],
-    }
+    rows = {"pair_id": batch["pair_id"], "clip_text": stacked_tensors(texts.column("clip_text")),
+            "clip_image_w": clip_image[:n], "clip_image_l": clip_image[n:]}
+    if not clip_only:
+        latents = stacked_tensors(images.column("latents"), images.column("latent_shape").to_pylist())
+        time_ids = stacked_tensors(images.column("add_time_ids"))
+        rows.update({
+            "latents_w": latents[:n],
+            "latents_l": latents[n:],
+            "prompt_embeds": stacked_tensors(texts.column("prompt_embeds"),
+                                             texts.column("prompt_embeds_shape").to_pylist()),
+            "pooled_prompt_embeds": stacked_tensors(texts.column("pooled_prompt_embeds")),
+            "add_time_ids_w": time_ids[:n],
+            "add_time_ids_l": time_ids[n:],
+        })
+    rows.update({name: batch[name] for name in PASSED_THROUGH if name in batch})
+    if len(plan_paths):
+        similarities = gather_rows(fs, plan_paths, batch["p_shard"], batch["p_row"], PLAN_COLUMNS)
+        rows.update({name: stacked_tensors(similarities.column(name)) for name in PLAN_COLUMNS})
+    return rows
 
 
-def read_training_dataset(store_uri: str, *, split: str = "train", pair_ids: Sequence[str] | None = None):
+def located_dataset(store_uri: str, store: FeatureStore, manifest: dict, located: pa.Table, *,
+                    block_rows: int = PAIR_BLOCK_ROWS, features: str = "all", plan_paths: Sequence[str] = ()):
+    """The Ray Data dataset of the pairs ``located`` names (``locate_pairs``' columns, in its order), in blocks of
+    ``block_rows`` pairs, one ``pair_features`` task each."""
+    import ray
+
+    if features not in FEATURE_SETS:
+        raise ValueError(f"features must be one of {FEATURE_SETS}, got {features!r}")
+    blocks = [located.slice(start, block_rows) for start in range(0, located.num_rows, block_rows)]
+    return ray.data.from_arrow(blocks).map_batches(
+        pair_features,
+        fn_kwargs={"store_uri": store_uri, "image_paths": store.shard_paths(manifest, "images"),
+                   "text_paths": store.shard_paths(manifest, "texts"), "plan_paths": list(plan_paths),
+                   "features": features},
+        batch_size=None,  # one block, as planned: its pairs' features only
+        batch_format="numpy",
+        num_cpus=0.25,
+    )
+
+
+def split_pairs(store: FeatureStore, manifest: dict, split: str, pair_ids: Sequence[str] | None = None) -> pa.Table:
+    """The committed pairs of ``split`` (ids and hashes, ~300 bytes a pair), in store order; only ``pair_ids`` if
+    given."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
+    columns = ["pair_id", "caption_hash", "image_w_hash", "image_l_hash", "split"]
+    pairs = store.read_table(manifest, "pairs", columns=columns)
+    pairs = pairs.filter(pc.equal(pairs.column("split"), split))
+    if pair_ids is not None:
+        pairs = pairs.filter(pc.is_in(pairs.column("pair_id"), pa.array(sorted(set(pair_ids)), pa.string())))
+    return pairs
+
+
+def read_training_dataset(store_uri: str, *, split: str = "train", pair_ids: Sequence[str] | None = None,
+                          features: str = "all"):
     """A ``ray.data.Dataset`` of the logical training rows of ``split`` ("train" or "holdout").
 
     Rows: ``pair_id`` str; ``latents_w``, ``latents_l`` float16 [C, h, w]; ``prompt_embeds`` float16 [77, D];
     ``pooled_prompt_embeds`` float16 [P] (zero-length for SD1.5); ``add_time_ids_w``, ``add_time_ids_l`` float32
     [6] (per image: winner and loser may differ in original size and crop, an improvement on DESIGN's single
-    ``add_time_ids``); ``clip_text``, ``clip_image_w``, ``clip_image_l`` float32 [E].
+    ``add_time_ids``); ``clip_text``, ``clip_image_w``, ``clip_image_l`` float32 [E]. ``features="clip"``: only
+    ``pair_id`` and the three CLIP embeddings.
 
     ``pair_ids`` (optional) keeps only those pairs of the split (in store order): re-alignment's chosen mix of new
     and old pairs. Only shards listed in the manifest are read.
@@ -137,33 +184,18 @@ def read_training_dataset(store_uri: str, *, split: str = "train", pair_ids: Seq
     the feature shards, and joins them (pyarrow) into blocks of ``PAIR_BLOCK_ROWS`` pairs that name the shard and
     row of each feature. A task per block then reads just the Parquet row groups those rows sit in
     (``precompute.store.FEATURE_ROW_GROUP_ROWS`` rows each), so workers hold a few blocks, never the split. The
-    tasks ask for a quarter CPU so the dataset streams beside Ray Train workers on a 2-CPU node.
+    tasks ask for a quarter CPU so the dataset streams beside Ray Train workers on a 2-CPU node. (The driver reads
+    the pair table itself: Ray 2.60's read_parquet runs a 1-CPU file-listing task that cannot be scheduled beside
+    Ray Train workers on a small node.)
     """
     import ray
 
     store_uri = absolute(store_uri)  # Ray workers do not share the driver's working directory
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
     store = FeatureStore(store_uri)
     manifest = read_manifest(store_uri)
-    columns = ["pair_id", "caption_hash", "image_w_hash", "image_l_hash", "split"]
-    # The pair table is only ids and hashes (~300 bytes a pair), so the driver reads it, filtered to the split and
-    # in manifest order, and hands it to Ray Data as blocks. Ray 2.60's read_parquet runs a 1-CPU file-listing task
-    # that cannot be scheduled beside Ray Train workers on a small node; the heavy features are read by the actors.
-    pairs = store.read_table(manifest, "pairs", columns=columns)
-    pairs = pairs.filter(pc.equal(pairs.column("split"), split))
-    if pair_ids is not None:
-        pairs = pairs.filter(pc.is_in(pairs.column("pair_id"), pa.array(sorted(set(pair_ids)), pa.string())))
+    pairs = split_pairs(store, manifest, split, pair_ids)
     if pairs.num_rows == 0:
         return ray.data.from_items([])  # a store with no pairs in this split: an empty dataset, not an error
     located = locate_pairs(pairs, feature_locations(store, manifest, "images"),
                            feature_locations(store, manifest, "texts"))
-    blocks = [located.slice(start, PAIR_BLOCK_ROWS) for start in range(0, located.num_rows, PAIR_BLOCK_ROWS)]
-    return ray.data.from_arrow(blocks).map_batches(
-        pair_features,
-        fn_kwargs={"store_uri": store_uri, "image_paths": store.shard_paths(manifest, "images"),
-                   "text_paths": store.shard_paths(manifest, "texts")},
-        batch_size=None,  # one block, as planned: its pairs' features only
-        batch_format="numpy",
-        num_cpus=0.25,
-    )
+    return located_dataset(store_uri, store, manifest, located, features=features)

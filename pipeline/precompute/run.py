@@ -75,11 +75,12 @@ def store_settings(cfg: AlignConfig, model_path: str) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
     from pipeline.models.clip import ClipEmbedder
+    from pipeline.models.resolve import resolve_clip_pretrained
 
     vae_config = AutoencoderKL.load_config(model_path, subfolder="vae", revision=cfg.model.revision)
     return {
         "model": model_settings(cfg, model_path),
-        "clip": ClipEmbedder(cfg.model.clip_model, cfg.model.clip_pretrained).identity,
+        "clip": ClipEmbedder(cfg.model.clip_model, resolve_clip_pretrained(cfg)).identity,
         "resolution": cfg.precompute.resolution,
         "encoder": {
             "latents": "vae latent_dist.mean * scaling_factor",
@@ -199,12 +200,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def encoder_spec(cfg: AlignConfig, model_path: str, settings: dict[str, Any]):
     """What the encoder actors load, from the config and the store settings (``store_settings``)."""
+    from pipeline.models.resolve import resolve_clip_pretrained
     from pipeline.precompute.stages import EncoderSpec
 
     return EncoderSpec(
         model_path=model_path, kind=settings["model"]["kind"], revision=cfg.model.revision,
-        variant=cfg.model.variant, clip_model=cfg.model.clip_model, clip_pretrained=cfg.model.clip_pretrained,
+        variant=cfg.model.variant, clip_model=cfg.model.clip_model, clip_pretrained=resolve_clip_pretrained(cfg),
         resolution=cfg.precompute.resolution, use_gpu=cfg.precompute.actor_num_gpus > 0,
+        batch_size=cfg.precompute.batch_size,
     )
 
 

@@ -79,6 +79,30 @@ def training_pairs(cfg: AlignConfig, manifest: dict[str, Any]) -> tuple[list[str
     return chosen, len(chosen)
 
 
+def training_datasets(cfg: AlignConfig, pair_ids: list[str] | None, train_rows: int) -> tuple[dict[str, Any], int]:
+    """({name: dataset}, training pairs): random batches read the split (or ``pair_ids``) as one dataset; planned
+    batches build (or read) the store's batch plan for this global batch and give each rank its own dataset."""
+    from pipeline.precompute import read_training_dataset
+    from pipeline.precompute.plan import PlanSettings, build_batch_plan, read_planned_dataset
+    from pipeline.train.worker import train_dataset_name
+
+    t = cfg.train
+    if t.batches == "random":
+        datasets = {"train": read_training_dataset(cfg.store_uri, split="train", pair_ids=pair_ids)}
+    else:
+        settings = PlanSettings(global_batch=t.num_workers * t.batch_size_per_worker,
+                                batches_per_cluster=t.plan_batches_per_cluster, seed=t.seed)
+        plan = build_batch_plan(cfg.store_uri, settings, pair_ids=pair_ids)
+        print(f"[train] batch plan {plan['uri']}: {plan['batches']} batches of {settings.global_batch} pairs from "
+              f"{plan['clusters']} neighbourhoods ({plan['left_out_pairs']} pairs left out)", flush=True)
+        train_rows = plan["pairs"]
+        datasets = {train_dataset_name(cfg, rank): read_planned_dataset(
+            cfg.store_uri, plan, rank=rank, per_rank=t.batch_size_per_worker) for rank in range(t.num_workers)}
+    if train_rows <= t.materialize_max_pairs:
+        datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
+    return datasets, train_rows
+
+
 def training_model_path(cfg: AlignConfig) -> str:
     """The pipeline folder the workers load the UNet (policy and reference) and the noise schedule from: the base
     model, or with ``train.init_unet`` a folder that is the base pipeline's model_index.json and scheduler with that
@@ -119,7 +143,7 @@ def run_training(cfg: AlignConfig, *, callbacks: list | None = None) -> TrainRes
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.precompute import read_manifest, read_training_dataset, resolve_model_path
+    from pipeline.precompute import read_manifest, resolve_model_path
     from pipeline.precompute.run import model_settings
     from pipeline.precompute.store import check_store_model
 
@@ -127,9 +151,7 @@ def run_training(cfg: AlignConfig, *, callbacks: list | None = None) -> TrainRes
     # A store made by another base model would train silently on features that do not fit it.
     check_store_model(manifest, model_settings(cfg, resolve_model_path(cfg)), cfg.store_uri)
     pair_ids, train_rows = training_pairs(cfg, manifest)
-    train = read_training_dataset(cfg.store_uri, split="train", pair_ids=pair_ids)
-    if train_rows <= cfg.train.materialize_max_pairs:
-        train = train.materialize()
+    datasets, train_rows = training_datasets(cfg, pair_ids, train_rows)
     plan = WorkerPlan(
         model_path=training_model_path(cfg),
         kind=manifest["model"]["kind"],
@@ -155,8 +177,10 @@ def run_training(cfg: AlignConfig, *, callbacks: list | None = None) -> TrainRes
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[metrics_logger(cfg, join_uri(storage, TRAIN_RUN_NAME)), *(callbacks or [])],
         ),
-        datasets={"train": train},
-        dataset_config=DataConfig(execution_options=ingest),
+        datasets=datasets,
+        # planned: each worker reads its own dataset whole (its slots of every planned batch)
+        dataset_config=DataConfig(execution_options=ingest,
+                                  datasets_to_split="all" if cfg.train.batches == "random" else []),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})

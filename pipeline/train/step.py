@@ -30,6 +30,8 @@ class PairBatch:
     clip_text: torch.Tensor  # [B, E]
     clip_image_w: torch.Tensor
     clip_image_l: torch.Tensor
+    s_text: torch.Tensor | None = None  # [B, N] rows of a batch plan's global similarity matrices, or None
+    s_image: torch.Tensor | None = None
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -128,7 +130,7 @@ def objective_loss(loss_cfg: LossConfig, m: PairMSEs, batch: PairBatch) -> tuple
     else:
         loss, metrics = losses.rpo_loss_global(
             m.policy_w, m.policy_l, m.ref_w, m.ref_l, batch.clip_text, batch.clip_image_w, batch.clip_image_l,
-            beta=loss_cfg.beta, alpha=loss_cfg.alpha, tau=loss_cfg.tau,
+            beta=loss_cfg.beta, alpha=loss_cfg.alpha, tau=loss_cfg.tau, s_text=batch.s_text, s_image=batch.s_image,
         )
     metrics = dict(metrics)
     metrics.update(

@@ -100,6 +100,8 @@ def to_pair_batch(rows: dict[str, np.ndarray], *, sdxl: bool, device: torch.devi
         clip_text=t("clip_text", torch.float32),
         clip_image_w=t("clip_image_w", torch.float32),
         clip_image_l=t("clip_image_l", torch.float32),
+        s_text=t("s_text", torch.float32) if "s_text" in rows else None,
+        s_image=t("s_image", torch.float32) if "s_image" in rows else None,
     )
 
 
@@ -119,16 +121,19 @@ def micro_batches(shard, cfg: AlignConfig, *, start_step: int, per_epoch: int) -
     """(step, micro_step, rows) from `start_step` on, epoch after epoch, in an order that only depends on the seed.
 
     A resumed run skips the micro-batches it already trained on, so it sees exactly what an uninterrupted run sees.
+    Planned batches (train.batches=planned) come in the plan's order, every epoch: each micro-batch is this rank's
+    slots of one planned global batch, so nothing may reorder them.
     """
     accum = cfg.train.grad_accum_steps
+    planned = cfg.train.batches == "planned"
     epoch, done_in_epoch = divmod(start_step, per_epoch)
     while True:
         batches = shard.iter_batches(
             batch_size=cfg.train.batch_size_per_worker,
             batch_format="numpy",
             drop_last=True,
-            local_shuffle_buffer_size=max(64, 4 * cfg.train.batch_size_per_worker),
-            local_shuffle_seed=cfg.train.seed + epoch,
+            local_shuffle_buffer_size=None if planned else max(64, 4 * cfg.train.batch_size_per_worker),
+            local_shuffle_seed=None if planned else cfg.train.seed + epoch,
         )
         for index, rows in enumerate(batches):
             if index >= per_epoch * accum:
@@ -327,6 +332,12 @@ class Recipe:
                 break
 
 
+def train_dataset_name(cfg: AlignConfig, rank: int) -> str:
+    """Random batches: one dataset that Ray Train splits among the workers. Planned batches: one per rank (its slots
+    of every planned batch), unsplit, so each worker reads exactly its part of each global batch."""
+    return f"train_rank_{rank}" if cfg.train.batches == "planned" else "train"
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -337,7 +348,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     recipe = Recipe(cfg, plan, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
                     device=ray.train.torch.get_device())
     recipe.setup()
-    recipe.train(ray.train.get_dataset_shard("train"))
+    recipe.train(ray.train.get_dataset_shard(train_dataset_name(cfg, ctx.get_world_rank())))
     recipe.cleanup()
 
 

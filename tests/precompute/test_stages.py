@@ -9,7 +9,15 @@ import torch
 from PIL import Image
 
 from pipeline.models.tiny import build_tiny_sd15
-from pipeline.precompute.stages import EncoderSpec, ImageEncoder, TextEncoder, decode_batch, prepare_image, vae_input
+from pipeline.precompute.stages import (
+    EncoderSpec,
+    ImageEncoder,
+    TextEncoder,
+    decode_batch,
+    in_fixed_chunks,
+    prepare_image,
+    vae_input,
+)
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -67,9 +75,9 @@ def test_decode_batch_marks_bad_images_and_never_raises():
     assert bomb["reason"][0] == "decompression_bomb"
 
 
-def _spec(model_path, resolution=32, kind="sdxl") -> EncoderSpec:
+def _spec(model_path, resolution=32, kind="sdxl", batch_size=4) -> EncoderSpec:
     return EncoderSpec(model_path=str(model_path), kind=kind, revision=None, variant=None, clip_model="tiny",
-                       clip_pretrained=None, resolution=resolution, use_gpu=False)
+                       clip_pretrained=None, resolution=resolution, use_gpu=False, batch_size=batch_size)
 
 
 def test_image_encoder_encodes_good_rows_and_passes_bad_ones_through(world):
@@ -92,3 +100,34 @@ def test_text_encoder_sd15_has_no_pooled_embedding(tmp_path):
     assert len(first["prompt_embeds"]) == 77 * first["prompt_embeds_shape"][1]
     assert np.linalg.norm(first["clip_text"]) == pytest.approx(1.0, abs=1e-5)
     assert rows.column("caption").to_pylist() == ["a cat", ""]
+
+
+def test_in_fixed_chunks_pads_every_call_to_the_size_and_trims():
+    calls = []
+
+    def encode(chunk):
+        calls.append(list(chunk))
+        return np.array(chunk) * 10, None
+
+    out = in_fixed_chunks(encode, [1, 2, 3, 4, 5], 2)
+    assert calls == [[1, 2], [3, 4], [5, 5]]
+    assert [o[0].tolist() for o in out] == [[10, 20], [30, 40], [50]] and all(o[1] is None for o in out)
+    assert in_fixed_chunks(encode, [], 2) == []
+
+
+def test_encoders_give_a_row_the_same_values_whatever_else_is_in_its_batch(world):
+    """Fixed-size model calls: a caption or image alone, or among others (more than one chunk), encodes the same,
+    bit for bit."""
+    text = TextEncoder(_spec(world.model_path, batch_size=2))
+    captions = ["a red circle", "a blue square", "a green diamond"]
+    alone = text({"caption_hash": np.array(["h"], dtype=object), "caption": np.array(captions[:1], dtype=object)})
+    mixed = text({"caption_hash": np.array(["h1", "h2", "h3"], dtype=object), "caption": np.array(captions, dtype=object)})
+    for column in ("prompt_embeds", "pooled_prompt_embeds", "clip_text"):
+        assert alone.column(column)[0].as_py() == mixed.column(column)[0].as_py()
+    pngs = [_png(_quarters(40, 40, vertical=v)) for v in (True, False, True)]
+    decode = lambda images: decode_batch({"image_hash": np.array(["a", "b", "c"][: len(images)], dtype=object),  # noqa: E731
+                                          "image": np.array(images, dtype=object)}, resolution=32, max_image_pixels=10**6)
+    image = ImageEncoder(_spec(world.model_path, batch_size=2))
+    one = image(decode(pngs[1:2])).to_pylist()[0]
+    among = image(decode(pngs)).to_pylist()[1]
+    assert one["latents"] == among["latents"] and one["clip_image"] == among["clip_image"]

@@ -166,3 +166,15 @@ def test_training_options_run_and_gradient_checkpointing_keeps_the_maths(toy_sto
     # After optimizer step k the lr is base * multiplier(k): warmup over steps 0-1, then cosine to 0 at step 4.
     assert [m["lr"] for m in logged] == pytest.approx([1e-4, 1e-4, 5e-5, 0.0], abs=1e-12)
     _assert_same_weights(_weights(checkpointed.model_uri), _weights(plain.model_uri))
+
+
+def test_planned_batches_train_on_two_workers(toy_store):
+    """train.batches=planned: the plan is built for the global batch (2 workers x 2 pairs) and each worker reads its
+    slots of every planned batch with the stored similarity rows (resume on a plan: tests/precompute/test_plan.py
+    and tests/train/test_step.py hold the order)."""
+    result = run_training(toy_store.config("planned", "train.batches=planned", "train.plan_batches_per_cluster=2",
+                                           "train.max_steps=2", "train.checkpoint_every=2"))
+    plans = [p for p in (toy_store.store / "plans").iterdir() if (p / "plan.json").exists()]
+    assert len(plans) == 1 and result.metrics["step"] == 2
+    for key in ("loss", "implicit_accuracy", "off_diagonal_mass", "holdout_accuracy"):
+        assert result.metrics[key] == result.metrics[key], key  # present, not NaN

@@ -1,6 +1,7 @@
 """The worker's step functions one by one: denoising target, prompt dropout, resume skipping, device metrics,
 the non-finite flag, the out-of-memory advice, the reference component."""
 
+import numpy as np
 import ray
 import torch
 from diffusers import DDPMScheduler
@@ -10,7 +11,7 @@ from pipeline.train.distributed import DeviceMetrics, non_finite_flag
 from pipeline.train.noise import draw, draw_for_batch
 from pipeline.train.reference import Reference
 from pipeline.train.step import PairBatch, apply_prompt_dropout, denoising_target
-from pipeline.train.worker import micro_batches, out_of_memory_advice
+from pipeline.train.worker import micro_batches, out_of_memory_advice, to_pair_batch
 
 
 def test_v_prediction_target_is_alpha_noise_minus_sigma_latents():
@@ -68,6 +69,23 @@ def test_a_resumed_run_skips_exactly_the_micro_batches_it_trained_on(ray_session
     assert ids(6, 4) == uninterrupted[12:]  # a resume in the second epoch keeps that epoch's order
     assert set(p for *_, rows in uninterrupted[:10] for p in rows) == {f"p{i:02d}" for i in range(20)}
     assert [r for *_, r in uninterrupted[:10]] != [r for *_, r in uninterrupted[10:]] + [()] * 4  # reshuffled
+
+
+def test_planned_batches_keep_the_plan_order_every_epoch_and_carry_their_similarity_rows(ray_session):
+    cfg = load_config(None, ["train.batch_size_per_worker=2", "train.batches=planned"])
+    shard = ray.data.from_items([{"pair_id": f"p{i:02d}"} for i in range(8)])
+    seen = [tuple(rows["pair_id"]) for _, (_, _, rows) in zip(range(6), micro_batches(shard, cfg, start_step=0,
+                                                                                       per_epoch=4))]
+    assert seen == [("p00", "p01"), ("p02", "p03"), ("p04", "p05"), ("p06", "p07"), ("p00", "p01"), ("p02", "p03")]
+    rows = {"pair_id": np.array(["a", "b"]), "latents_w": np.zeros((2, 4, 2, 2), np.float16),
+            "latents_l": np.zeros((2, 4, 2, 2), np.float16), "prompt_embeds": np.zeros((2, 77, 8), np.float16),
+            "pooled_prompt_embeds": np.zeros((2, 6), np.float16), "add_time_ids_w": np.zeros((2, 6), np.float32),
+            "add_time_ids_l": np.zeros((2, 6), np.float32), "clip_text": np.zeros((2, 5), np.float32),
+            "clip_image_w": np.zeros((2, 5), np.float32), "clip_image_l": np.zeros((2, 5), np.float32)}
+    assert to_pair_batch(rows, sdxl=True, device=torch.device("cpu"), dtype=torch.float32).s_text is None
+    planned = rows | {"s_text": np.full((2, 4), 0.5, np.float32), "s_image": np.full((2, 4), 0.25, np.float32)}
+    batch = to_pair_batch(planned, sdxl=True, device=torch.device("cpu"), dtype=torch.float32)
+    assert batch.s_text.shape == (2, 4) and batch.s_image[0, 0].item() == 0.25
 
 
 def test_device_metrics_average_the_steps_and_read_once():
