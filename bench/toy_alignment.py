@@ -115,7 +115,10 @@ def seed_interval(values: list[float]) -> dict:
     mean = float(np.mean(values))
     if len(values) < 2:
         return {"value": mean, "ci": [None, None], "n": len(values)}
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    spread = stats.sem(values)
+    if spread == 0:  # every seed gave the same value
+        return {"value": mean, "ci": [mean, mean], "n": len(values)}
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=spread)
     return {"value": mean, "ci": [float(low), float(high)], "n": len(values)}
 
 
@@ -135,7 +138,9 @@ def summarise(trained: dict, comparison: dict, drift: dict) -> list[dict]:
             "style_share": seed_interval([share[t]["value"] for t in tags]),
             "style_score": seed_interval([style["mean"][t] for t in tags]),
             "win_rate_vs_base": seed_interval([style["win_rate"][t]["value"] for t in tags]),
-            "holdout_accuracy": seed_interval([trained[t]["metrics"].get("holdout_accuracy", float("nan")) for t in tags]),
+            # SFT trains without a reference, so its implicit rewards (policy vs reference) are not measured
+            "holdout_accuracy": None if method == "sft" else seed_interval(
+                [trained[t]["metrics"].get("holdout_accuracy", float("nan")) for t in tags]),
             "drift": seed_interval([drift[t] - drift["base"] for t in tags]),
         })
     return rows
