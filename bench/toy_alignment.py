@@ -195,7 +195,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--image-seeds", type=int, default=3)
     parser.add_argument("--inference-steps", type=int, default=20)
-    parser.add_argument("--base", default="", help="a diffusers pipeline folder; default: the config's tiny base")
+    parser.add_argument("--base", default="", help="a diffusers pipeline folder, or 'toy' for the generating toy base "
+                        "(pipeline.train.toy_base, built once under --work); default: the config's tiny base")
     parser.add_argument("--clip", default="", help="model.clip_pretrained, e.g. 'toy' (the tiny CLIP fitted on the toy "
                         "world); default: the config's (the tiny CLIP's random weights)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
@@ -213,6 +214,10 @@ def main() -> None:
 
     started = time.perf_counter()
     storage = args.work.resolve()
+    if args.base == "toy":
+        from pipeline.train.toy_base import build_toy_base
+
+        args.base = build_toy_base(storage / "toy_base")
     cfg = load_config(None, [f"cluster.storage_path={storage}", "name=world", *shared_settings(args)])
     init_ray(cfg)
     store = run_precompute(cfg)["store_uri"]
