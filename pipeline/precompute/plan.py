@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,7 +44,7 @@ from pipeline.precompute.reader import (
     located_dataset,
     split_pairs,
 )
-from pipeline.precompute.store import FeatureStore, read_manifest
+from pipeline.precompute.store import FeatureStore, read_manifest, write_parquet_whole
 from pipeline.storage import absolute, exists, filesystem, is_local, read_text, write_text
 
 PLAN_VERSION = 1
@@ -151,14 +150,10 @@ def write_plan_block(batch: dict[str, np.ndarray], *, plan_uri: str, global_batc
     first = int(batch["batch"][0])
     relative = f"part-{first:08d}.parquet"
     fs, root = filesystem(plan_uri)
-    final = f"{root.rstrip('/')}/{relative}"
     fs.create_dir(root, recursive=True)
-    if is_local(plan_uri):  # written whole or not at all (a concurrent build writes the same bytes)
-        temp = f"{root.rstrip('/')}/.tmp-{uuid.uuid4().hex}.parquet"
-        pq.write_table(table, temp, filesystem=fs, row_group_size=global_batch)
-        fs.move(temp, final)
-    else:
-        pq.write_table(table, final, filesystem=fs, row_group_size=global_batch)
+    # whole or not at all; a concurrent build of the same plan writes the same bytes
+    write_parquet_whole(fs, f"{root.rstrip('/')}/{relative}", table, local=is_local(plan_uri),
+                        row_group_size=global_batch)
     return pa.table({"path": [relative], "rows": [rows], "first_batch": [first]})
 
 
@@ -191,9 +186,11 @@ def build_batch_plan(store_uri: str, settings: PlanSettings, *, split: str = "tr
                          f"or use train.batches=random")
     images, texts = feature_locations(store, manifest, "images"), feature_locations(store, manifest, "texts")
     clip = located_dataset(store_uri, store, manifest, locate_pairs(pairs, images, texts), features="clip")
+    fraction = min(1.0, CENTROID_SAMPLE / pairs.num_rows)
+    if fraction == 1.0:  # small enough to hold: read the embeddings once for the sample and the assignment
+        clip = clip.materialize()
 
     # 1. centroids from a sample
-    fraction = min(1.0, CENTROID_SAMPLE / pairs.num_rows)
     sample = (clip if fraction == 1.0 else clip.random_sample(fraction, seed=settings.seed)).take_all()
     embeddings = pair_embeddings(*(np.stack([row[c] for row in sample])
                                    for c in ("clip_text", "clip_image_w", "clip_image_l")))
@@ -234,18 +231,19 @@ def _in_order(pairs: pa.Table, membership: pa.Table) -> pa.Table:
     return found
 
 
-def read_planned_dataset(store_uri: str, plan: dict[str, Any], *, rank: int, per_rank: int):
-    """Rank ``rank``'s share of the plan as a ``ray.data.Dataset``: of each batch, in plan order, the slots
-    ``rank * per_rank`` to ``(rank + 1) * per_rank - 1``; training rows as ``read_training_dataset`` gives them,
-    plus ``s_text`` and ``s_image`` [global_batch], the pair's rows of its batch's matrices (columns in slot order,
-    the order in which training all-gathers the global batch)."""
+def read_planned_datasets(store_uri: str, plan: dict[str, Any], *, per_rank: int, world: int) -> list:
+    """Each rank's share of the plan as a ``ray.data.Dataset`` (list index = rank): of each batch, in plan order,
+    the slots ``rank * per_rank`` to ``(rank + 1) * per_rank - 1``; training rows as ``read_training_dataset`` gives
+    them, plus ``s_text`` and ``s_image`` [global_batch], the pair's rows of its batch's matrices (columns in slot
+    order, the order in which training all-gathers the global batch). The plan's index, the pair table and the
+    feature keys are read once for all ranks."""
     store_uri = absolute(store_uri)
     store = FeatureStore(store_uri)
     manifest = read_manifest(store_uri)
     g = plan["settings"]["global_batch"]
-    if (rank + 1) * per_rank > g:
-        raise ValueError(f"rank {rank} with {per_rank} pairs per micro-step falls outside the plan's global batch "
-                         f"of {g}; the plan must be built for train.num_workers x train.batch_size_per_worker")
+    if world * per_rank > g:
+        raise ValueError(f"rank {world - 1} with {per_rank} pairs per micro-step falls outside the plan's global "
+                         f"batch of {g}; the plan must be built for train.num_workers x train.batch_size_per_worker")
     fs, root = filesystem(plan["uri"])
     paths = [f"{root.rstrip('/')}/{f['path']}" for f in plan["files"]]
     index = pa.concat_tables([
@@ -253,11 +251,19 @@ def read_planned_dataset(store_uri: str, plan: dict[str, Any], *, rank: int, per
             "p_shard", pa.array(np.full(f["rows"], shard, dtype=np.int32))).append_column(
             "p_row", pa.array(np.arange(f["rows"], dtype=np.int32)))
         for shard, (path, f) in enumerate(zip(paths, plan["files"]))])
-    slots = index.column("slot")
-    mine = index.filter(pc.and_(pc.greater_equal(slots, rank * per_rank), pc.less(slots, (rank + 1) * per_rank)))
     pairs = split_pairs(store, manifest, plan["split"])
-    located = locate_pairs(_in_order(pairs, mine), feature_locations(store, manifest, "images"),
-                           feature_locations(store, manifest, "texts"))
-    located = located.append_column("p_shard", mine.column("p_shard")).append_column("p_row", mine.column("p_row"))
-    return located_dataset(store_uri, store, manifest, located, plan_paths=paths,
-                           block_rows=per_rank * max(1, PAIR_BLOCK_ROWS // per_rank))
+    images, texts = feature_locations(store, manifest, "images"), feature_locations(store, manifest, "texts")
+    datasets = []
+    for rank in range(world):
+        slots = index.column("slot")
+        mine = index.filter(pc.and_(pc.greater_equal(slots, rank * per_rank), pc.less(slots, (rank + 1) * per_rank)))
+        located = locate_pairs(_in_order(pairs, mine), images, texts).append_column(
+            "p_shard", mine.column("p_shard")).append_column("p_row", mine.column("p_row"))
+        datasets.append(located_dataset(store_uri, store, manifest, located, plan_paths=paths,
+                                        block_rows=per_rank * max(1, PAIR_BLOCK_ROWS // per_rank)))
+    return datasets
+
+
+def read_planned_dataset(store_uri: str, plan: dict[str, Any], *, rank: int, per_rank: int):
+    """Rank ``rank``'s dataset of ``read_planned_datasets``."""
+    return read_planned_datasets(store_uri, plan, per_rank=per_rank, world=rank + 1)[rank]

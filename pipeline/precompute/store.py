@@ -292,6 +292,18 @@ def committed_pair_ids(store: "FeatureStore", manifest: dict[str, Any]) -> set[s
 # ------------------------------------------------------------------------------------------------- store
 
 
+def write_parquet_whole(fs, path: str, rows: pa.Table, *, local: bool, row_group_size: int | None) -> None:
+    """Write ``rows`` to ``path`` so that readers see the whole file or none: a temp file renamed into place locally
+    (atomic on one filesystem); on an object store an object appears only once its upload completes."""
+    if local:
+        folder, name = path.rsplit("/", 1)
+        temp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+        pq.write_table(rows, temp, filesystem=fs, row_group_size=row_group_size)
+        fs.move(temp, path)
+    else:
+        pq.write_table(rows, path, filesystem=fs, row_group_size=row_group_size)
+
+
 class FeatureStore:
     """One store at ``uri``: shard writes, manifest commits, reads of committed shards."""
 
@@ -327,14 +339,8 @@ class FeatureStore:
         rows = rows.select(TABLE_SCHEMAS[table].names).cast(TABLE_SCHEMAS[table])
         relative = f"{table}/part-{uuid.uuid4().hex}.parquet"
         group_rows = FEATURE_ROW_GROUP_ROWS if table in ("images", "texts") else None
-        final = self._path(relative)
         self.fs.create_dir(self._path(table), recursive=True)
-        if is_local(self.uri):
-            temp = self._path(f"{table}/.tmp-{uuid.uuid4().hex}.parquet")
-            pq.write_table(rows, temp, filesystem=self.fs, row_group_size=group_rows)
-            self.fs.move(temp, final)  # rename: atomic on one local filesystem
-        else:  # an object appears only once its upload completes
-            pq.write_table(rows, final, filesystem=self.fs, row_group_size=group_rows)
+        write_parquet_whole(self.fs, self._path(relative), rows, local=is_local(self.uri), row_group_size=group_rows)
         entry: dict[str, Any] = {"path": relative, "rows": rows.num_rows}
         if table == "pairs":
             splits = rows.column("split").to_pylist()

@@ -83,7 +83,7 @@ def training_datasets(cfg: AlignConfig, pair_ids: list[str] | None, train_rows: 
     """({name: dataset}, training pairs): random batches read the split (or ``pair_ids``) as one dataset; planned
     batches build (or read) the store's batch plan for this global batch and give each rank its own dataset."""
     from pipeline.precompute import read_training_dataset
-    from pipeline.precompute.plan import PlanSettings, build_batch_plan, read_planned_dataset
+    from pipeline.precompute.plan import PlanSettings, build_batch_plan, read_planned_datasets
     from pipeline.train.worker import train_dataset_name
 
     t = cfg.train
@@ -96,8 +96,8 @@ def training_datasets(cfg: AlignConfig, pair_ids: list[str] | None, train_rows: 
         print(f"[train] batch plan {plan['uri']}: {plan['batches']} batches of {settings.global_batch} pairs from "
               f"{plan['clusters']} neighbourhoods ({plan['left_out_pairs']} pairs left out)", flush=True)
         train_rows = plan["pairs"]
-        datasets = {train_dataset_name(cfg, rank): read_planned_dataset(
-            cfg.store_uri, plan, rank=rank, per_rank=t.batch_size_per_worker) for rank in range(t.num_workers)}
+        per_rank = read_planned_datasets(cfg.store_uri, plan, per_rank=t.batch_size_per_worker, world=t.num_workers)
+        datasets = {train_dataset_name(cfg, rank): dataset for rank, dataset in enumerate(per_rank)}
     if train_rows <= t.materialize_max_pairs:
         datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
     return datasets, train_rows
