@@ -1,10 +1,11 @@
 """Toy-world alignment: SFT, DPO and RPO (random and planned batches) from one base, judged on generated images.
 
     .venv/bin/python bench/toy_alignment.py            # the benchmark (see bench/README.md for its time)
-    .venv/bin/python bench/toy_alignment.py --quick    # a reduced run: one seed, few steps, no sweep
+    .venv/bin/python bench/toy_alignment.py --quick    # RPO only, one training seed, no sweep
 
-One toy world (sketch preferred) and one feature store; from the same base, every method trains with the same data,
-steps, batch size and lr, once per training seed (the seed moves the data order and the noise draws), through the
+One toy world (sketch preferred) and one feature store; from the same base (the toy base that generates,
+`model.pretrained=toy`, built once under --work), every method trains with the same data, steps, batch size and lr,
+once per training seed (the seed moves the data order and the noise draws), through the
 real pipeline (`run_training`: Ray Train + DeepSpeed). A small sweep adds, on the first seed, beta for DPO and RPO
 and tau for planned RPO. Then one `evaluate_models` call generates held-apart prompts x fixed image seeds for the
 base and every trained model (paired: same prompts, seeds and initial noise) and scores them with the toy style
@@ -51,7 +52,7 @@ def shared_settings(args) -> list[str]:
         f"train.log_every={args.steps}", f"train.checkpoint_every={args.steps}", f"train.lr={args.lr}",
         "evaluate.holdout_pairs=64", "evaluate.scorers=[style]", f"generate.num_prompts={args.prompts}",
         f"generate.seeds={list(range(args.image_seeds))}", f"generate.num_inference_steps={args.inference_steps}",
-        *([f"model.pretrained={args.base}"] if args.base else []),
+        *([f"model.pretrained={args.base}"] if args.base else []), *args.set,
     ]
 
 
@@ -61,7 +62,7 @@ def train_all(args, storage: Path, store: str, base: str) -> dict[str, dict]:
     from pipeline.config import load_config
     from pipeline.train.run import run_training
 
-    runs = [(m, o, s) for s in args.seeds for m, o in METHODS.items()]
+    runs = [(m, METHODS[m], s) for s in args.seeds for m in args.methods]
     runs += [(m, o, args.seeds[0]) for m, o in (SWEEP.items() if args.sweep else [])]
     trained = {}
     for method, overrides, seed in runs:
@@ -107,8 +108,9 @@ def denoising_drift(cfg, models: dict[str, str]) -> dict[str, float]:
     return out
 
 
-def seed_interval(values: list[float]) -> dict:
-    """Mean and 95% t-interval over training seeds (no interval from one seed)."""
+def seed_interval(values: list[float], *, bounds: tuple[float, float] | None = None) -> dict:
+    """Mean and 95% t-interval over training seeds (no interval from one seed), clipped to ``bounds`` (a share or a
+    rate cannot leave [0, 1], where a t-interval over few seeds can)."""
     import numpy as np
     from scipy import stats
 
@@ -119,6 +121,8 @@ def seed_interval(values: list[float]) -> dict:
     if spread == 0:  # every seed gave the same value
         return {"value": mean, "ci": [mean, mean], "n": len(values)}
     low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=spread)
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
     return {"value": mean, "ci": [float(low), float(high)], "n": len(values)}
 
 
@@ -135,12 +139,12 @@ def summarise(trained: dict, comparison: dict, drift: dict) -> list[dict]:
     for method, tags in by_method.items():
         rows.append({
             "method": method, "seeds": [trained[t]["seed"] for t in tags],
-            "style_share": seed_interval([share[t]["value"] for t in tags]),
-            "style_score": seed_interval([style["mean"][t] for t in tags]),
-            "win_rate_vs_base": seed_interval([style["win_rate"][t]["value"] for t in tags]),
+            "style_share": seed_interval([share[t]["value"] for t in tags], bounds=(0.0, 1.0)),
+            "style_score": seed_interval([style["mean"][t] for t in tags], bounds=(0.0, 1.0)),
+            "win_rate_vs_base": seed_interval([style["win_rate"][t]["value"] for t in tags], bounds=(0.0, 1.0)),
             # SFT trains without a reference, so its implicit rewards (policy vs reference) are not measured
             "holdout_accuracy": None if method == "sft" else seed_interval(
-                [trained[t]["metrics"].get("holdout_accuracy", float("nan")) for t in tags]),
+                [trained[t]["metrics"].get("holdout_accuracy", float("nan")) for t in tags], bounds=(0.0, 1.0)),
             "drift": seed_interval([drift[t] - drift["base"] for t in tags]),
         })
     return rows
@@ -190,22 +194,25 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--image-seeds", type=int, default=3)
     parser.add_argument("--inference-steps", type=int, default=20)
-    parser.add_argument("--base", default="", help="a diffusers pipeline folder, or 'toy' for the generating toy base "
-                        "(pipeline.train.toy_base, built once under --work); default: the config's tiny base")
+    parser.add_argument("--base", default="", help="model.pretrained: a diffusers pipeline folder, 'tiny', ...; default: "
+                        "the config's, the toy base (pipeline.train.toy_base, built once under --work)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--clip", default="", help="model.clip_pretrained, e.g. 'toy' (the tiny CLIP fitted on the toy "
                         "world); default: the config's (the tiny CLIP's random weights)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--quick", action="store_true", help="one seed, 12 steps, 4 prompts, no sweep")
+    parser.add_argument("--quick", action="store_true", help="RPO only, one training seed, no sweep")
     parser.add_argument("--work", type=Path, default=RESULTS / "work" / "toy_alignment")
     parser.add_argument("--out", type=Path, default=RESULTS / "toy_alignment.json")
     args = parser.parse_args()
     if args.quick:
-        args.pairs, args.steps, args.seeds, args.prompts, args.image_seeds, args.sweep = 96, 12, [0], 4, 1, False
+        args.methods, args.seeds, args.sweep = ["rpo"], [0], False
+        args.prompts = 8
 
     from pipeline.cli import init_ray
     from pipeline.config import load_config
@@ -214,10 +221,6 @@ def main() -> None:
 
     started = time.perf_counter()
     storage = args.work.resolve()
-    if args.base == "toy":
-        from pipeline.train.toy_base import build_toy_base
-
-        args.base = build_toy_base(storage / "toy_base")
     cfg = load_config(None, [f"cluster.storage_path={storage}", "name=world", *shared_settings(args)])
     init_ray(cfg)
     store = run_precompute(cfg)["store_uri"]

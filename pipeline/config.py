@@ -43,15 +43,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # "tiny" builds the tiny SDXL-shaped pipeline under <storage>/<name>/tiny_model (no downloads); anything else
-    # is a hub id (stabilityai/stable-diffusion-xl-base-1.0) or a local diffusers pipeline folder.
-    pretrained: str = "tiny"
+    # "toy": a tiny SDXL-shaped pipeline whose VAE and UNet are fitted on the toy world until it draws its scenes in
+    # every style (pipeline/train/toy_base.py; built once under <storage>/<name>/toy_base_*, 4-5 min on 2 cores, no
+    # downloads). "tiny": the tiny pipeline with its UNet alone fitted (model.tiny_fit_steps), which denoises but
+    # does not draw scenes: fast, for tests of the mechanics. Anything else is a hub id
+    # (stabilityai/stable-diffusion-xl-base-1.0) or a local diffusers pipeline folder.
+    pretrained: str = "toy"
     kind: Literal["auto", "sdxl", "sd15"] = "auto"
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16"
-    # For "tiny" only: steps fitting its UNet to the toy world (all styles alike) before anything uses it, so the
-    # embedded default aligns a base model that denoises its world, as SDXL does; 0 keeps random weights (fast
-    # tests of the mechanics; preference training then cannot learn, see pipeline/models/toy_fit.py).
+    # For "tiny" only: steps fitting its UNet to the toy world (all styles alike) before anything uses it, so it
+    # denoises its world; 0 keeps random weights (fast tests of the mechanics; preference training then cannot
+    # learn, see pipeline/models/toy_fit.py).
     tiny_fit_steps: int = 400
     # OpenCLIP model for the similarity weights: "tiny" (random weights, offline) or an open_clip model name.
     clip_model: str = "tiny"
@@ -85,10 +88,10 @@ class TrainConfig:
     mode: Literal["full", "lora"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 8.0
-    max_steps: int = 60
+    max_steps: int = 80
     batch_size_per_worker: int = 8  # pairs per worker per micro-step
     grad_accum_steps: int = 1
-    lr: float = 1e-5
+    lr: float = 1e-4  # the toy world's (bench/toy_alignment.py: at 1e-5 its samples do not move); SDXL: ~1e-8 x pairs
     lr_warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     optimizer: Literal["adamw", "adafactor"] = "adamw"
@@ -102,7 +105,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     prompt_dropout: float = 0.0
     seed: int = 0
-    checkpoint_every: int = 30
+    checkpoint_every: int = 40
     keep_checkpoints: int = 2
     log_every: int = 10  # each log line is a ray.train.report: a barrier through Ray Train's controller
     max_failures: int = 0
@@ -367,6 +370,9 @@ def validate(cfg: AlignConfig) -> None:
     need(cfg.loss.beta > 0, "loss.beta", cfg.loss.beta, "a number > 0 (Diffusion-DPO uses 5000)")
     need(0.0 <= cfg.loss.alpha <= 1.0, "loss.alpha", cfg.loss.alpha, "a number in [0, 1]")
     need(cfg.loss.tau > 0, "loss.tau", cfg.loss.tau, "a number > 0")
+    if cfg.model.pretrained == "toy" and cfg.model.kind == "sd15":
+        raise ConfigError("config key 'model.kind': 'sd15' is not available for model.pretrained=toy (the toy base is "
+                          "SDXL-shaped); set model.pretrained=tiny for a tiny SD1.5, or model.kind=auto")
     if cfg.model.clip_pretrained == "toy" and cfg.model.clip_model != "tiny":
         raise ConfigError(f"config key 'model.clip_pretrained': 'toy' is the toy world's fit of the tiny CLIP; set "
                           f"model.clip_model=tiny (now {cfg.model.clip_model!r}) or another clip_pretrained")

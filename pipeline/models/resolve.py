@@ -1,4 +1,5 @@
-"""Which diffusers pipeline a config means: "tiny" is built (seeded, fitted to the toy world) under the run folder."""
+"""Which diffusers pipeline a config means: "toy" and "tiny" are built (seeded, fitted to the toy world) under the run
+folder."""
 
 from __future__ import annotations
 
@@ -17,10 +18,30 @@ def tiny_model_dir(cfg: AlignConfig) -> Path:
     return local_run_dir(cfg.run_dir, cfg.name) / f"tiny_model{kind}{fit}"
 
 
+TOY_BASE = "toy"  # model.pretrained: the toy base that generates (pipeline.train.toy_base)
+
+
+def toy_base_dir(cfg: AlignConfig) -> Path:
+    """Where "toy" is built; the name carries the fit settings, as tiny_model_dir's does."""
+    return local_run_dir(cfg.run_dir, cfg.name) / f"toy_base_{toy_base_settings(cfg).tag()}"
+
+
+def toy_base_settings(cfg: AlignConfig):
+    from pipeline.train.toy_base import ToyBaseSettings
+
+    return ToyBaseSettings(resolution=cfg.precompute.resolution)
+
+
 def resolve_model_path(cfg: AlignConfig) -> str:
-    """The diffusers pipeline to load: "tiny" is built (once, seeded, its UNet fitted to the toy world for
+    """The diffusers pipeline to load: "toy" is the toy base (VAE and UNet fitted on the toy world until it draws
+    its scenes in every style; built once by the driver, a few minutes on 2 cores, and cached under the run
+    folder by its settings); "tiny" is built (once, seeded, its UNet fitted to the toy world for
     model.tiny_fit_steps) under the run folder; a local folder is made absolute (Ray workers do not share the
     driver's working directory); a hub id is returned as is."""
+    if cfg.model.pretrained == TOY_BASE:
+        from pipeline.train.toy_base import build_toy_base
+
+        return build_toy_base(toy_base_dir(cfg), toy_base_settings(cfg))
     if cfg.model.pretrained != "tiny":
         local = Path(cfg.model.pretrained).expanduser()
         return str(local.resolve()) if local.exists() else cfg.model.pretrained

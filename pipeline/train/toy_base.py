@@ -18,9 +18,8 @@ Captions never name a style and every scene is rendered in all three styles equa
 each style about a third of the time: the target style is a minority, as in a real base model.
 
 It lives with training, not in models/: it is training on toy data, and it reuses the training step's
-denoising loss (`pipeline.train.step.unet_mse`) and precompute's pixel convention (`vae_input`). Not used by the
-pipeline yet: the toy-world alignment benchmark (issue 14) is to make it the embedded default's base, replacing the
-UNet-only fit of `pipeline.models.toy_fit` (which models/ calls today). `build_toy_base` builds, fits and caches it.
+denoising loss (`pipeline.train.step.unet_mse`) and precompute's pixel convention (`vae_input`). It is the embedded
+default's base (`model.pretrained=toy`, `pipeline.models.resolve`); `build_toy_base` builds, fits and caches it.
 
 Where it stands (bench/results/toy/toy_base.json, about 6 min on 2 busy CPU cores): the VAE keeps colours but
 blurs shapes and draws dots as blocky patches (vae_reconstructions.png: renders, then reconstructions); samples
@@ -292,9 +291,12 @@ def build_toy_base(folder: str | Path, settings: ToyBaseSettings = ToyBaseSettin
         raise FileExistsError(f"{folder} is not empty and is not a toy base: choose another folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = folder.parent / f".{folder.name}.building-{uuid.uuid4().hex}"
+    print(f"[model] fitting the toy base into {folder} (its VAE, then its UNet: about 4-5 min on 2 CPU cores, once)",
+          flush=True)
     try:
         build_tiny_sdxl(building, toy_fit_steps=0, toy_fit_resolution=settings.resolution)
-        fit_toy_base(building, kind="sdxl", settings=settings)
+        report = fit_toy_base(building, kind="sdxl", settings=settings)
+        print(f"[model] toy base fitted in {report['seconds']['total']:.0f} s", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(building, folder)
     finally:

@@ -18,7 +18,7 @@ from pipeline.precompute import resolve_model_path
 def test_evaluate_models_scores_compares_and_reports(ray_session, tmp_path):
     twin = save_tiny_twin("pickscore", tmp_path / "pickscore_twin")
     overrides = [
-        f"cluster.storage_path={tmp_path}", "model.tiny_fit_steps=0", "precompute.resolution=32",
+        f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.tiny_fit_steps=0", "precompute.resolution=32",
         "generate.num_prompts=3", "generate.seeds=[0, 1]", "generate.num_inference_steps=2",
         "evaluate.scorers=[style, clip, pickscore]", "evaluate.bootstrap_resamples=200",
         *[f"evaluate.pickscore.{k}={v}" for k, v in twin.items() if v is not None],
@@ -51,7 +51,7 @@ def test_evaluate_models_scores_compares_and_reports(ray_session, tmp_path):
 
 
 def test_missing_reward_weights_stop_before_any_image(tmp_path):
-    cfg = load_config(None, [f"cluster.storage_path={tmp_path}", "model.tiny_fit_steps=0",
+    cfg = load_config(None, [f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.tiny_fit_steps=0",
                              "evaluate.scorers=[style, hpsv2]", f"evaluate.hpsv2.weights={tmp_path}/nope.pt"])
     with pytest.raises(WeightsNotFound, match=r"hpsv2.*nope\.pt.*evaluate\.hpsv2\.weights"):
         evaluate_models(cfg, {"base": "base"}, out_dir=str(tmp_path / "run"), baseline="base")

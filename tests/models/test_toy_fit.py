@@ -34,7 +34,8 @@ def test_fitted_build_is_deterministic(tmp_path):
 
 def test_the_model_folder_names_its_fit_so_another_setting_never_reuses_it(tmp_path):
     def path(*overrides):
-        return load_config(None, [f"cluster.storage_path={tmp_path}", "model.tiny_fit_steps=0", *overrides])
+        return load_config(None, [f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.tiny_fit_steps=0",
+                                  *overrides])
 
     # Only the folder name is checked: resolve_model_path would build, so compare what it would build into.
     from pipeline.precompute.run import tiny_model_dir
@@ -51,3 +52,17 @@ def test_negative_fit_steps_is_a_config_error():
 
     with pytest.raises(ConfigError, match="model.tiny_fit_steps"):
         load_config(None, ["model.tiny_fit_steps=-1"])
+
+
+def test_the_default_base_is_the_toy_base_built_in_a_folder_named_by_its_settings(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.models.resolve import toy_base_dir
+    from pipeline.train.toy_base import ToyBaseSettings
+
+    cfg = load_config(None, [f"cluster.storage_path={tmp_path}"])
+    assert cfg.model.pretrained == "toy"
+    assert toy_base_dir(cfg) == tmp_path / "toy" / f"toy_base_{ToyBaseSettings().tag()}"
+    at_32 = load_config(None, [f"cluster.storage_path={tmp_path}", "precompute.resolution=32"])
+    assert toy_base_dir(at_32) != toy_base_dir(cfg)  # fitted at its resolution: another folder
+    with pytest.raises(ConfigError, match="model.pretrained=tiny"):
+        load_config(None, ["model.kind=sd15"])  # the toy base is SDXL-shaped
