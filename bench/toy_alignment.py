@@ -5,15 +5,16 @@
 
 One toy world (sketch preferred) and one feature store; from the same base (the toy base that generates,
 `model.pretrained=toy`, built once under --work), every method trains with the same data, steps, batch size and lr,
-once per training seed (the seed moves the data order and the noise draws), through the
-real pipeline (`run_training`: Ray Train + DeepSpeed). A small sweep adds, on the first seed, beta for DPO and RPO
-and tau for planned RPO. Then one `evaluate_models` call generates held-apart prompts x fixed image seeds for the
-base and every trained model (paired: same prompts, seeds and initial noise) and scores them with the toy style
-scorer. Printed and written to bench/results/toy_alignment.json (plot: toy_alignment.png), per method: the share
-of samples in the target style and the mean target-style score (mean over training seeds with a 95% t-interval;
-the base's interval is over its images), the paired win rate against the base, the implicit accuracy on held-apart
-pairs, and the drift from the base (mean denoising MSE on held-apart images, same noise for every model, minus
-the base's).
+once per training seed (the seed moves the data order and the noise draws), through the real pipeline
+(`run_training`: Ray Train + DeepSpeed). RPO's similarity weights come from the tiny CLIP fitted on the toy world
+(`--clip toy`, fitted once under --work; `--clip ''` keeps its random weights). A small sweep adds, on the first
+seed, beta for DPO and RPO, tau for RPO and beta for planned RPO. Then one `evaluate_models` call generates
+held-apart prompts x fixed image seeds for the base and every trained model (paired: same prompts, seeds and initial
+noise) and scores them with the toy style scorer. Printed and written to bench/results/toy_alignment.json (plot:
+toy_alignment.png), per method: the share of samples in the target style and the mean target-style score (mean over
+training seeds with a 95% t-interval; the base's interval is over its images), the paired win rate against the base,
+the implicit accuracy on held-apart pairs, and the drift from the base (mean denoising MSE on held-apart images,
+same noise for every model, minus the base's).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ METHODS = {  # name -> config overrides; every method also gets the shared setti
 }
 SWEEP = {  # extra variants, first training seed only
     "dpo beta=2000": ["loss.objective=dpo", "loss.beta=2000"],
+    "rpo beta=20000": ["loss.objective=rpo", "loss.beta=20000"],
+    "rpo tau=0.5": ["loss.objective=rpo", "loss.tau=0.5"],
     "rpo-planned beta=2000": ["loss.objective=rpo", "train.batches=planned", "loss.beta=2000"],
-    "rpo-planned tau=0.5": ["loss.objective=rpo", "train.batches=planned", "loss.tau=0.5"],
 }
 DRIFT_PAIRS = 32
 
@@ -203,8 +205,9 @@ def main() -> None:
                         "the config's, the toy base (pipeline.train.toy_base, built once under --work)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
-    parser.add_argument("--clip", default="", help="model.clip_pretrained, e.g. 'toy' (the tiny CLIP fitted on the toy "
-                        "world); default: the config's (the tiny CLIP's random weights)")
+    parser.add_argument("--clip", default="toy", help="model.clip_pretrained: 'toy' (the tiny CLIP fitted on the toy "
+                        "world, so RPO's weights mean scene likeness), or '' for the config's (the tiny CLIP's random "
+                        "weights)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--quick", action="store_true", help="RPO only, one training seed, no sweep")
     parser.add_argument("--work", type=Path, default=RESULTS / "work" / "toy_alignment")

@@ -8,8 +8,9 @@ mostly the tokens' random vectors: the weights then carry no meaning. Fitted her
   the image side must encode the scene (shape, colour, position, background) and not the style;
 - image-image InfoNCE between two styles of the same scene, which states the same invariance directly.
 
-Text similarity then follows from the images: captions whose scenes look alike (same shape and colour) come
-out close. This module is the toy world's (it knows the renders and captions). `model.clip_pretrained=toy` selects
+Text similarity then follows from the images: captions whose scenes look alike come out close. Measured with the
+defaults (README Limits): on unseen scenes text->image top-1 retrieval 0.79 (flat renders, chance 0.008), and
+captions sharing a position, colour or shape are closer. This module is the toy world's (it knows the renders and captions). `model.clip_pretrained=toy` selects
 it (`pipeline.models.resolve.resolve_clip_pretrained`): the driver fits once, `toy_clip_weights` caches the weights
 file by `ToyClipSettings.tag()`, and every process loads that file through open_clip's own `pretrained=<file>` path,
 as it would a published checkpoint.
@@ -38,11 +39,13 @@ FIT_SCENE_SEED = 3_000_017
 class ToyClipSettings:
     """What decides the fitted weights (the cache folder's name carries `tag()`)."""
 
-    scenes: int = 1024  # each rendered in every style
+    # Measured (README Limits): 1024 scenes, 300 steps of 64 at lr 2e-3 left held-apart retrieval at chance; these
+    # reach 0.79 (flat) text->image top-1 among 120 unseen scenes, in about 2 min on 2 cores.
+    scenes: int = 2048  # each rendered in every style
     resolution: int = 64
-    steps: int = 300
-    batch: int = 64  # scenes per step; each comes in two different styles
-    lr: float = 2e-3
+    steps: int = 1500
+    batch: int = 128  # scenes per step; each comes in two different styles
+    lr: float = 3e-3
     seed: int = 0
 
     def tag(self) -> str:

@@ -1,7 +1,7 @@
 """The README's main command, as a user runs it: `python jobs/align.py` on the embedded default (the toy world, the
 toy base fitted on first use, RPO), only the storage folder and Ray changed. It is also the CI smoke test of the
 alignment itself: on fixed seeds the aligned model draws the preferred style (sketch) clearly more often than the
-base (measured 0.04 -> 0.5, bench/toy_alignment.py). A re-run resuming is tested with `ray job submit`
+base (bench/toy_alignment.py measures it with more seeds). A re-run resuming is tested with `ray job submit`
 (tests/jobs/test_submit.py)."""
 
 import json
@@ -35,7 +35,8 @@ def test_align_job_on_the_embedded_default_moves_generation_towards_the_preferre
     assert shown["models"] == ["base", "aligned"] and set(shown["scorers"]) == {"style", "clip"}  # the default scorers
     share = shown["style"]["share"]
     assert shown["style"]["target"] == "sketch" and share["base"]["value"] < 0.25, share  # a minority in the base
-    assert share["aligned"]["value"] > share["base"]["value"] + 0.2, share  # and clearly more after alignment
+    # and clearly more after alignment (measured 0.00 -> 0.31 [0.18, 0.49] on 32 paired samples)
+    assert share["aligned"]["value"] > share["base"]["value"] + 0.15, share
     assert "[evaluate] share in the target style 'sketch'" in run.stdout
 
 
