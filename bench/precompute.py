@@ -46,8 +46,8 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     folder = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
-    base = [f"cluster.storage_path={folder}", f"data.toy_pairs={large}", "data.toy_resolution=64",
-            "precompute.resolution=64", "precompute.actor_num_cpus=0.5"]
+    base = [f"cluster.storage_path={folder}", "model.pretrained=tiny", f"data.toy_pairs={large}",
+            "data.toy_resolution=64", "precompute.resolution=64", "precompute.actor_num_cpus=0.5"]
     # The tiny model and the toy world are built once, outside the timings.
     resolve_model_path(load_config(None, base))
     toy = pq.read_table(resolve_data_source(load_config(None, base)))

@@ -105,7 +105,7 @@ def bench_config(args: argparse.Namespace, *overrides: str):
     return load_config(None, [
         f"name={run_name(args)}",
         f"cluster.storage_path={WORK}",
-        "model.tiny_fit_steps=0",  # timing only: random weights do the same work
+        "model.pretrained=tiny", "model.tiny_fit_steps=0",  # timing only: random weights do the same work
         f"data.toy_pairs={4 * args.batch + 4}",
         f"data.toy_resolution={args.resolution}",
         "data.holdout_fraction=0.0",  # every pair in the train split

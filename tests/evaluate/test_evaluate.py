@@ -18,7 +18,8 @@ from pipeline.precompute import resolve_model_path
 def test_evaluate_models_scores_compares_and_reports(ray_session, tmp_path):
     twin = save_tiny_twin("pickscore", tmp_path / "pickscore_twin")
     overrides = [
-        f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.tiny_fit_steps=0", "precompute.resolution=32",
+        f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.tiny_fit_steps=0",
+        "precompute.resolution=32",
         "generate.num_prompts=3", "generate.seeds=[0, 1]", "generate.num_inference_steps=2",
         "evaluate.scorers=[style, clip, pickscore]", "evaluate.bootstrap_resamples=200",
         *[f"evaluate.pickscore.{k}={v}" for k, v in twin.items() if v is not None],

@@ -25,7 +25,8 @@ class World:
         return load_config(None, [
             f"cluster.storage_path={self.storage}",
             f"data.toy_pairs={TOY_PAIRS}",
-            "model.pretrained=tiny", "model.tiny_fit_steps=0",  # random weights: these tests check mechanics, not learning
+            "model.pretrained=tiny",
+            "model.tiny_fit_steps=0",  # random weights: these tests check mechanics, not learning
             f"data.toy_resolution={TOY_RESOLUTION}",
             "data.holdout_fraction=0.25",
             f"precompute.store={store}",

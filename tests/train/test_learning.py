@@ -17,8 +17,7 @@ from pipeline.train.run import run_training
 pytestmark = pytest.mark.slow
 
 WORLD = [
-    "model.pretrained=tiny", "data.toy_pairs=384", "data.toy_resolution=64", "precompute.resolution=64",
-    "precompute.batch_size=32",
+    "data.toy_pairs=384", "data.toy_resolution=64", "precompute.resolution=64", "precompute.batch_size=32",
     "data.holdout_fraction=0.25", "evaluate.holdout_pairs=64",
 ]
 TRAIN = [
@@ -31,7 +30,7 @@ TRAIN = [
 def toy_store(tmp_path_factory, ray_session):
     """One toy world, fitted tiny model and feature store, shared by the runs below."""
     storage = tmp_path_factory.mktemp("learn")
-    cfg = load_config(None, [f"cluster.storage_path={storage}", "name=world", *WORLD])
+    cfg = load_config(None, [f"cluster.storage_path={storage}", "name=world", "model.pretrained=tiny", *WORLD])
     run_precompute(cfg)
     return storage, cfg.store_uri, resolve_model_path(cfg)
 
