@@ -4,9 +4,13 @@ folder."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import AlignConfig
 from pipeline.storage import local_run_dir
+
+if TYPE_CHECKING:
+    from pipeline.train.toy_base import ToyBaseSettings
 
 
 def tiny_model_dir(cfg: AlignConfig) -> Path:
@@ -26,7 +30,8 @@ def toy_base_dir(cfg: AlignConfig) -> Path:
     return local_run_dir(cfg.run_dir, cfg.name) / f"toy_base_{toy_base_settings(cfg).tag()}"
 
 
-def toy_base_settings(cfg: AlignConfig):
+def toy_base_settings(cfg: AlignConfig) -> ToyBaseSettings:
+    """The toy base's fit settings: the defaults, at the run's training resolution."""
     from pipeline.train.toy_base import ToyBaseSettings
 
     return ToyBaseSettings(resolution=cfg.precompute.resolution)
