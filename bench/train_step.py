@@ -575,7 +575,8 @@ def time_two_workers(args: argparse.Namespace, model_path: str) -> dict[int, lis
 class PlainLoraLoop:
     """What a plain single-process diffusers + peft trainer does per LoRA DPO step, with no feature store and no
     DeepSpeed: decode and crop the images, VAE-encode them, encode the captions, then the same noise draws, the
-    policy forward over [winners; losers], the reference forward with the adapters off, DPO, backward, AdamW."""
+    policy forward over [winners; losers], the reference forward with the adapters off, DPO, backward, gradient
+    clipping, AdamW and the lr schedule's step (what diffusers' SDXL DPO example does every step)."""
 
     def __init__(self, cfg, model_path: str, kind: str):
         from peft import LoraConfig
@@ -591,8 +592,9 @@ class PlainLoraLoop:
         self.unet.add_adapter(LoraConfig(r=cfg.train.lora_rank, lora_alpha=cfg.train.lora_alpha,
                                          init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         self.unet.train()
-        params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
 
     def step(self, raw: dict[str, list], step: int) -> None:
         from pipeline import losses
@@ -623,7 +625,9 @@ class PlainLoraLoop:
             self.unet.enable_adapters()
         loss = losses.dpo_loss(*mse.chunk(2), *ref.chunk(2), beta=self.cfg.loss.beta)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
         self.optimizer.step()
+        self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -645,8 +649,11 @@ def lora_vs_plain(args: argparse.Namespace, data: dict[str, Any], model_path: st
                 ms = timed(trainer.device, work)[1]
                 if step >= WARMUP:
                     samples[key].append(ms)
+        from pipeline.train.deepspeed_config import resolve_zero_stage
+
         result = medians(samples)
         result["plain_over_ours"] = result["plain"] / result["ours"]
+        result["zero_stage"] = resolve_zero_stage(cfg.train)
         return result
     finally:
         torch.distributed.destroy_process_group()

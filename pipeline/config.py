@@ -100,7 +100,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the device has it, else fp32
-    zero_stage: Literal[2, 3] = 2
+    # auto: 1 for LoRA (its gradients and Adam state are small; ZeRO-2's per-parameter gradient hooks cost more
+    # than they save), 2 for full fine-tunes. 3 also partitions the weights (and the reference) across workers.
+    zero_stage: Literal["auto", 1, 2, 3] = "auto"
     offload_optimizer: bool = False
     gradient_checkpointing: bool = False
     prompt_dropout: float = 0.0

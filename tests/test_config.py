@@ -29,7 +29,7 @@ def test_yaml_then_overrides(tmp_path):
         ("loss.alpha=1.5", "config key 'loss.alpha': 1.5 is not allowed; accepted: a number in [0, 1]"),
         ("loss.tau=0", "config key 'loss.tau'"),
         ("precompute.resolution=100", "a positive multiple of 8"),
-        ("train.zero_stage=1", "config key 'train.zero_stage': 1 is not one of [2, 3]"),
+        ("train.zero_stage=0", "config key 'train.zero_stage': 0 is not one of ['auto', 1, 2, 3]"),
         ("train.precision=bf16", "needs GPUs"),
         ("tune.search_space={loss.betta: [1]}", "unknown config key 'loss.betta'"),
     ],

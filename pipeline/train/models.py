@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.config import AlignConfig
-from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
+from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision, resolve_zero_stage
 from pipeline.train.reference import Reference, frozen_copy, lora_reference, zero3_reference
 from pipeline.train.schedule import lr_multiplier
 
@@ -95,7 +95,7 @@ def setup_models(cfg: AlignConfig, plan, device: torch.device) -> TrainModels:
     scheduler = load_components(plan.model_path, kind=plan.kind, parts=("scheduler",)).scheduler
     full = cfg.train.mode == "full"
     wants_reference = full and cfg.loss.objective != "sft"
-    zero3_init = full and cfg.train.zero_stage == 3
+    zero3_init = full and resolve_zero_stage(cfg.train) == 3
 
     if zero3_init:
         # The config's bucket sizes need the parameter count before the model exists: read it from rank 0's copy.

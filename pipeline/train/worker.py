@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import AlignConfig
+from pipeline.train.deepspeed_config import resolve_zero_stage
 from pipeline.train import noise as noise_draws
 from pipeline.train.distributed import DeviceMetrics, non_finite_flag, peak_memory_gib
 from pipeline.train.models import LORA_TARGETS, TrainModels  # noqa: F401  (LORA_TARGETS: part of the interface)
@@ -60,14 +61,14 @@ def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):
 
 def out_of_memory_advice(cfg: AlignConfig, where: str) -> str:
     """What to change when the GPU runs out of memory: the settings that decide memory, and how each helps."""
-    t = cfg.train
+    t, stage = cfg.train, resolve_zero_stage(cfg.train)
     advice = []
     if not t.gradient_checkpointing:
         advice.append("train.gradient_checkpointing=true (SDXL at 1024 px saves ~10x less activation memory)")
     if t.batch_size_per_worker > 1:
         advice.append(f"a smaller train.batch_size_per_worker with a larger train.grad_accum_steps (now "
                       f"{t.grad_accum_steps}) keeps the pairs per step")
-    if t.zero_stage < 3 and t.num_workers > 1:
+    if stage < 3 and t.num_workers > 1:
         advice.append("train.zero_stage=3 partitions the weights and the reference across the GPUs")
     if not t.offload_optimizer:
         advice.append("train.offload_optimizer=true keeps Adam's state in host memory (slower steps)")
@@ -75,7 +76,7 @@ def out_of_memory_advice(cfg: AlignConfig, where: str) -> str:
         advice.append("train.mode=lora trains adapters only, with no second UNet")
     return (
         f"out of GPU memory {where} at train.batch_size_per_worker={t.batch_size_per_worker} (pairs per GPU per "
-        f"micro-step), train.zero_stage={t.zero_stage}, train.offload_optimizer={str(t.offload_optimizer).lower()}, "
+        f"micro-step), train.zero_stage={stage}, train.offload_optimizer={str(t.offload_optimizer).lower()}, "
         f"train.gradient_checkpointing={str(t.gradient_checkpointing).lower()}, train.mode={t.mode}. To fit: "
         + "; ".join(advice or ["a GPU with more memory"])
         + ". bench/cost_model.py prints the memory per GPU each setting needs for SDXL and SD1.5."

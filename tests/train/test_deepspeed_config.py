@@ -23,3 +23,14 @@ def test_zero2_default_and_zero3_offload():
     assert zero["stage3_gather_16bit_weights_on_model_save"] and "bf16" not in ds
     # buckets never larger than the model (DeepSpeed allocates them whole), capped for big models
     assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 1000
+
+
+def test_zero_stage_auto_is_1_for_lora_without_gradient_hooks_and_2_for_full():
+    lora = load_config(None, ["train.mode=lora"])
+    zero = deepspeed_config(lora.train, precision="fp32", num_params=1000)["zero_optimization"]
+    # contiguous_gradients would make stage 1 register a backward hook per parameter
+    assert zero["stage"] == 1 and zero["contiguous_gradients"] is False
+    full = deepspeed_config(load_config(None, []).train, precision="fp32", num_params=1000)["zero_optimization"]
+    assert full["stage"] == 2 and full["contiguous_gradients"] is True
+    assert deepspeed_config(load_config(None, ["train.mode=lora", "train.zero_stage=2"]).train, precision="fp32",
+                            num_params=1000)["zero_optimization"]["stage"] == 2

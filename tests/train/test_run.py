@@ -116,10 +116,12 @@ def test_optimizer_offload_run_matches(toy_store, uninterrupted):
     _assert_same_update(toy_store, result, zero2)  # DeepSpeed's CPU Adam in place of torch's AdamW
 
 
-def test_lora_run_loads_with_load_lora_weights(toy_store):
-    cfg = toy_store.config("lora", "train.mode=lora", "train.max_steps=3", "train.lr=1e-2", "train.num_workers=1",
-                           "loss.objective=dpo")
+def test_lora_run_resumes_and_loads_with_load_lora_weights(toy_store):
+    lora = ("train.mode=lora", "train.lr=1e-2", "train.num_workers=1", "loss.objective=dpo", "train.checkpoint_every=2")
+    assert run_training(toy_store.config("lora", *lora, "train.max_steps=2")).metrics["step"] == 2
+    cfg = toy_store.config("lora", *lora, "train.max_steps=3")  # ZeRO-1 (auto for LoRA), adapters-only checkpoint
     result = run_training(cfg)
+    assert result.metrics["step"] == 3 and "start_holdout_accuracy" not in result.metrics  # resumed
     lora_file = os.path.join(result.model_uri, "pytorch_lora_weights.safetensors")
     assert os.path.exists(lora_file)
     pipe = StableDiffusionXLPipeline.from_pretrained(resolve_model_path(cfg), local_files_only=True)

@@ -141,4 +141,5 @@ def test_reference_runs_without_gradients_and_with_lora_adapters_off():
     torch.testing.assert_close(out, base)
     assert not torch.allclose(adapted, base)
     torch.testing.assert_close(unet(x, t, encoder_hidden_states=text).sample, adapted)  # adapters back on
+    assert all(p.requires_grad for name, p in unet.named_parameters() if "lora_" in name)  # still trainable
     assert reference.module is unet
