@@ -5,6 +5,7 @@ On a lent GPU machine, from the repository root (bench/gpu_check.sh installs the
     bash bench/gpu_check.sh                     # both parts, < 8 min on an H200; JSON to $OUT or bench/results/
     .venv/bin/python bench/gpu_check.py --cpu-smoke   # the tiny part on the CPU with gloo (what a test runs)
     bash bench/gpu_check.sh --skip-trainer --zero-stage 1 --micro-batches 1 4   # part 2 under ZeRO-1
+    bash bench/gpu_check.sh --skip-trainer --compile --micro-batches 4            # part 2 with torch.compile
 
 Part 1, the path users run: `run_training` -> `TorchTrainer(use_gpu=True)` with NCCL on one GPU, the tiny SDXL on a
 toy feature store, bf16 ZeRO-2: a few steps with a checkpoint, then the same command again to resume to more
@@ -133,14 +134,15 @@ def peak_flops(device_name: str, cost_model) -> float | None:
     return None
 
 
-def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, out_file: str) -> None:
+def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, compile_: bool, out_file: str) -> None:
     """One micro-batch setting in this (fresh) process: whole RPO steps on a full-size SDXL UNet; JSON to out_file."""
     import resource
 
     import torch
 
     bench = load_module("train_step")
-    args = argparse.Namespace(unet="sdxl", resolution=1024, batch=pairs, device="cuda", repeats=TIMED_STEPS)
+    args = argparse.Namespace(unet="sdxl", resolution=1024, batch=pairs, device="cuda", repeats=TIMED_STEPS,
+                              compile=compile_)
     bench.set_environment("cuda")
     from pipeline.models.tiny import build_tiny_sdxl
 
@@ -162,7 +164,7 @@ def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, out_file: s
             if step >= WARMUP_STEPS:
                 times.append(ms / 1e3)
         result = {
-            "pairs": pairs, "gradient_checkpointing": checkpointing, "zero_stage": zero_stage,
+            "pairs": pairs, "gradient_checkpointing": checkpointing, "zero_stage": zero_stage, "compile": compile_,
             "step_s": statistics.median(times),
             "step_s_all": times, "peak_gpu_bytes": torch.cuda.max_memory_allocated(device),
             "peak_gpu_bytes_after_setup": setup_peak,
@@ -178,7 +180,7 @@ def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, out_file: s
 
 
 def run_full_size_part(work: Path, micro_batches: tuple[int, ...], cost: dict[str, Any], *,
-                       zero_stage: int = 2) -> list[dict[str, Any]]:
+                       zero_stage: int = 2, compile_: bool = False) -> list[dict[str, Any]]:
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -190,7 +192,8 @@ def run_full_size_part(work: Path, micro_batches: tuple[int, ...], cost: dict[st
     for pairs in micro_batches:
         checkpointing = predicted_peak_bytes(cost, pairs, False) > FIT_SHARE * total
         out_file = work / f"full_size_b{pairs}.json"
-        process = context.Process(target=full_size_step, args=(pairs, checkpointing, zero_stage, str(out_file)))
+        process = context.Process(target=full_size_step,
+                                  args=(pairs, checkpointing, zero_stage, compile_, str(out_file)))
         process.start()
         process.join()
         if process.exitcode != 0 or not out_file.exists():
@@ -210,7 +213,8 @@ def run_full_size_part(work: Path, micro_batches: tuple[int, ...], cost: dict[st
 
 
 def format_full_size(r: dict[str, Any]) -> str:
-    head = (f"SDXL 1024 px, ZeRO-{r.get('zero_stage', 2)}, {r['pairs']} pair(s)/GPU, checkpointing "
+    head = (f"SDXL 1024 px, ZeRO-{r.get('zero_stage', 2)}{', compiled' if r.get('compile') else ''}, "
+            f"{r['pairs']} pair(s)/GPU, checkpointing "
             f"{'on' if r['gradient_checkpointing'] else 'off'}:")
     if "error" in r:
         return f"{head} FAILED {r['error']}"
@@ -241,6 +245,8 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, nargs="+", default=list(MICRO_BATCHES))
     parser.add_argument("--zero-stage", type=int, choices=[1, 2], default=2,
                         help="part 2's ZeRO stage (the goal is stated for 2; 1 skips the per-parameter gradient hooks)")
+    parser.add_argument("--compile", action="store_true",
+                        help="part 2 with train.compile=inductor (the warm-up steps absorb the compilation)")
     parser.add_argument("--work", type=Path, default=RESULTS / "work" / "gpu-check")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: $OUT or bench/results/)")
     args = parser.parse_args()
@@ -269,7 +275,7 @@ def main() -> None:
         cost = cost_of_sdxl()
         report["flops_per_pair"] = cost["flops_per_pair"]
         report["full_size_sdxl"] = run_full_size_part(args.work, tuple(args.micro_batches), cost,
-                                                      zero_stage=args.zero_stage)
+                                                      zero_stage=args.zero_stage, compile_=args.compile)
     report["seconds"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -114,6 +114,7 @@ def bench_config(args: argparse.Namespace, *overrides: str):
         f"train.batch_size_per_worker={args.batch}",
         "train.max_steps=1000000",  # the lr schedule must not run out during the repeats
         f"train.use_gpu={'true' if args.device.startswith('cuda') else 'false'}",
+        f"train.compile={'inductor' if getattr(args, 'compile', False) else 'null'}",
         *overrides,
     ])
 
@@ -731,6 +732,8 @@ def main() -> None:
     parser.add_argument("--unet", choices=["tiny", "sd15", "sdxl"], default="tiny",
                         help="tiny: the toy store's model; sd15/sdxl: a random UNet of that size on synthetic rows")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON result goes")
+    parser.add_argument("--compile", action="store_true",
+                        help="train.compile=inductor for our step (the warm-up steps absorb the compilation)")
     parser.add_argument("--lora-vs-plain", action="store_true",
                         help="only: our LoRA DPO step vs a plain diffusers + peft loop (tiny model, CPU); goal >= 1.3")
     args = parser.parse_args()

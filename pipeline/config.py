@@ -105,6 +105,9 @@ class TrainConfig:
     zero_stage: Literal["auto", 1, 2, 3] = "auto"
     offload_optimizer: bool = False
     gradient_checkpointing: bool = False
+    # A torch.compile backend ("inductor") for the UNet, policy and reference, through DeepSpeed's engine.compile():
+    # the first steps pay the compilation (minutes), later passes run fused kernels (bench/NOTES.md). None: eager.
+    compile: str | None = None
     prompt_dropout: float = 0.0
     seed: int = 0
     checkpoint_every: int = 40

@@ -125,6 +125,7 @@ def setup_models(cfg: AlignConfig, plan, device: torch.device) -> TrainModels:
         from peft import LoraConfig
 
         unet.requires_grad_(False)
+        torch.manual_seed(cfg.train.seed)  # peft draws the adapters' initial A: the same run twice, the same adapters
         unet.add_adapter(
             LoraConfig(r=cfg.train.lora_rank, lora_alpha=cfg.train.lora_alpha, init_lora_weights="gaussian",
                        target_modules=LORA_TARGETS)
@@ -153,4 +154,15 @@ def setup_models(cfg: AlignConfig, plan, device: torch.device) -> TrainModels:
     )
     if cfg.train.mode == "lora" and cfg.loss.objective != "sft":
         reference = lora_reference(engine)
+    if cfg.train.compile:
+        compile_models(engine, reference, backend=cfg.train.compile)
     return TrainModels(engine, reference, scheduler, dtype)
+
+
+def compile_models(engine, reference: Reference | None, *, backend: str) -> None:
+    """torch.compile the policy through DeepSpeed (its hooks stay outside the graph) and the reference where it is
+    a model of its own. The LoRA reference is the policy's module with its adapters' flag off: dynamo guards on
+    the flag and keeps a second graph for it."""
+    engine.compile(backend=backend)
+    if reference is not None and reference.runner is not engine:
+        reference.runner.compile(backend=backend)  # a frozen UNet (nn.Module.compile) or a ZeRO-3 engine
