@@ -20,6 +20,9 @@ real embedding shapes, whole RPO steps (data + `preference_loss` + `engine.backw
 where bench/cost_model.py predicts the step would not fit in 90% of the GPU's memory without it. Prints step time,
 pairs/s, peak GPU memory, peak host memory and MFU (counted FLOPs per pair from bench/cost_model.py over the
 card's peak dense bf16 FLOP/s), against the goal of 45%.
+
+Part 3, attention kernels: SDPA forward+backward in bf16 at SDXL's attention shapes, per backend (flash, memory-
+efficient, cuDNN, math) and torch's own pick, so the report says whether the UNet's attention runs flash.
 """
 
 from __future__ import annotations
@@ -224,6 +227,59 @@ def format_full_size(r: dict[str, Any]) -> str:
             f"{r['peak_host_rss_bytes'] / 2**30:.1f} GiB, MFU {mfu} (goal 45%)")
 
 
+# ------------------------------------------------------------------------- part 3: attention kernels
+
+
+# SDXL's attention at 1024 px, one pair (winner + loser = 2 images): self-attention over the 64x64 and 32x32 latent
+# grids, cross-attention to the 77 prompt tokens; heads of 64 channels.
+ATTENTION_SHAPES = {"self_64x64": (10, 4096, 4096), "self_32x32": (20, 1024, 1024), "cross_64x64": (10, 4096, 77)}
+
+
+def attention_backends(images: int = 2, repeats: int = 5, device: str = "cuda",
+                       shapes: dict[str, tuple[int, int, int]] = ATTENTION_SHAPES) -> dict[str, dict[str, Any]]:
+    """ms of SDPA forward+backward in bf16 per backend (and torch's own pick, 'default') at SDXL's shapes: does the
+    UNet's attention get flash, and what would forcing another kernel change?"""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    results: dict[str, dict[str, Any]] = {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for shape_name, (heads, q_len, kv_len) in shapes.items():
+        def tensor(length: int) -> "torch.Tensor":
+            return torch.randn(images, heads, length, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+        q, k, v = tensor(q_len), tensor(kv_len), tensor(kv_len)
+        row: dict[str, Any] = {}
+        for label, backend in backends.items():
+            def once() -> None:
+                if backend is None:
+                    F.scaled_dot_product_attention(q, k, v).sum().backward()
+                else:
+                    with sdpa_kernel([backend]):
+                        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+            try:
+                times = []
+                for i in range(2 + repeats):
+                    sync()
+                    started = time.perf_counter()
+                    once()
+                    sync()
+                    if i >= 2:
+                        times.append((time.perf_counter() - started) * 1e3)
+                row[label] = statistics.median(times)
+            except RuntimeError as error:  # a backend that does not take this shape or card
+                row[label] = f"unavailable: {str(error).splitlines()[0][:160]}"
+        results[shape_name] = row
+        del q, k, v
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
@@ -276,6 +332,13 @@ def main() -> None:
         report["flops_per_pair"] = cost["flops_per_pair"]
         report["full_size_sdxl"] = run_full_size_part(args.work, tuple(args.micro_batches), cost,
                                                       zero_stage=args.zero_stage, compile_=args.compile)
+        try:
+            report["attention_ms"] = attention_backends()
+            for shape_name, row in report["attention_ms"].items():
+                cells = ", ".join(f"{k} {v:.2f} ms" if isinstance(v, float) else f"{k} n/a" for k, v in row.items())
+                print(f"[gpu_check] SDPA fwd+bwd bf16, 2 images, {shape_name}: {cells}", flush=True)
+        except Exception as error:  # noqa: BLE001 - a probe; the check's verdicts do not depend on it
+            report["attention_ms"] = {"error": "".join(traceback.format_exception(error))[-2000:]}
     report["seconds"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
