@@ -16,18 +16,20 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def non_finite_flag(loss: torch.Tensor) -> torch.Tensor:
-    """1.0 where any rank's loss is not finite, else 0.0: a device tensor, reduced (MAX) across the ranks.
+def non_finite_flags(losses: list[torch.Tensor]) -> torch.Tensor:
+    """Per loss, 1.0 where any rank's loss is not finite, else 0.0: one device tensor, reduced (MAX) across the
+    ranks in one collective.
 
-    Nothing is read on the host here; `flag.item()` later (after backward, before the optimizer step) is the one
-    wait. Every rank must call this, so that all agree to stop and none hangs in the next collective.
+    Nothing is read on the host here; the caller reads the flags once per optimizer step (after the last backward
+    of the accumulation, before the optimizer step). Every rank must call this with as many losses, so that all
+    agree to stop and none hangs in the next collective.
     """
     import torch.distributed as dist
 
-    flag = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+    flags = torch.stack([(~torch.isfinite(loss.detach())).any() for loss in losses]).to(torch.float32)
     if world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
 
 
 class DeviceMetrics:

@@ -5,9 +5,10 @@ is wrapped by `deepspeed.initialize` (ZeRO-2 by default, pipeline/train/models.p
 (pipeline/train/reference.py) and the objective one interface (pipeline/train/step.py) that training and the
 holdout evaluation share.
 
-On a GPU nothing inside a step waits for the device except one read of the non-finite flag, after backward and
-before the optimizer step (a non-finite step is never applied). Metrics stay on the device until a log line reads
-them in one transfer; every collective runs on the worker's device (NCCL rejects CPU tensors).
+On a GPU nothing inside a step waits for the device except one read of the non-finite flags per optimizer step,
+after the last backward of the accumulation and before the update (a non-finite step is never applied). Metrics
+stay on the device until a log line reads them in one transfer; every collective runs on the worker's device (NCCL
+rejects CPU tensors).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from pipeline.config import AlignConfig
 from pipeline.train.deepspeed_config import resolve_zero_stage
 from pipeline.train import noise as noise_draws
-from pipeline.train.distributed import DeviceMetrics, non_finite_flag, peak_memory_gib
+from pipeline.train.distributed import DeviceMetrics, non_finite_flags, peak_memory_gib
 from pipeline.train.models import LORA_TARGETS, TrainModels  # noqa: F401  (LORA_TARGETS: part of the interface)
 from pipeline.train.step import PairBatch, apply_prompt_dropout, pair_rewards, policy_and_reference_mses, preference_loss
 
@@ -209,6 +210,7 @@ class Recipe:
         self.models: TrainModels | None = None
         self.empty_prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.holdout = None
+        self.window: list[tuple[torch.Tensor, list[str]]] = []  # (loss, pair ids) of this step's micro-batches
 
     # -- setup
 
@@ -250,17 +252,28 @@ class Recipe:
         if self.empty_prompt is not None:
             apply_prompt_dropout(batch, d.drop_prompt, self.empty_prompt)
         loss, metrics = preference_loss(m.engine, m.reference, m.scheduler, batch, d.noise, d.timesteps, cfg.loss)
-        bad = non_finite_flag(loss)
         m.engine.backward(loss)
-        if bad.item():  # the one wait of a step: after backward was queued, before anything is applied
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} on pairs {batch.pair_ids} (rank {self.rank}, or another rank's "
-                f"pairs); the step was not applied and the last checkpoint is intact. Lower train.lr or loss.beta, "
-                f"raise train.grad_clip or use train.precision=bf16/fp32, then run the same command again to resume."
-            )
+        self.window.append((loss.detach(), batch.pair_ids))
+        if micro == cfg.train.grad_accum_steps - 1:
+            self.stop_if_non_finite(step)
         m.engine.step()
         metrics["dropped_prompts"] = d.drop_prompt.float().mean()  # share of pairs trained on the empty prompt
         self.metrics.add({"loss": loss, **metrics}, weight=1.0 / cfg.train.grad_accum_steps)
+
+    def stop_if_non_finite(self, step: int) -> None:
+        """Read the accumulation window's non-finite flags (the one wait of a step, and one collective) before the
+        optimizer step, so that a non-finite step is never applied; name the micro-batches that produced them."""
+        losses, pair_ids = zip(*self.window)
+        self.window = []
+        flags = non_finite_flags(list(losses)).tolist()
+        bad = [k for k, flag in enumerate(flags) if flag]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} in micro-batches {bad} of {len(flags)} (the first on pairs "
+                f"{pair_ids[bad[0]]} of rank {self.rank}, or another rank's); the step was not applied and the last "
+                f"checkpoint is intact. Lower train.lr or loss.beta, raise train.grad_clip or use "
+                f"train.precision=bf16/fp32, then run the same command again to resume."
+            )
 
     # -- evaluate / save / cleanup
 

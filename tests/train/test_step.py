@@ -1,5 +1,5 @@
 """The worker's step functions one by one: denoising target, prompt dropout, resume skipping, device metrics,
-the non-finite flag, the out-of-memory advice, the reference component."""
+the non-finite flags, the out-of-memory advice, the reference component."""
 
 import numpy as np
 import ray
@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from pipeline.config import load_config
-from pipeline.train.distributed import DeviceMetrics, non_finite_flag
+from pipeline.train.distributed import DeviceMetrics, non_finite_flags
 from pipeline.train.noise import draw, draw_for_batch
 from pipeline.train.reference import Reference
 from pipeline.train.step import PairBatch, apply_prompt_dropout, denoising_target
@@ -98,10 +98,9 @@ def test_device_metrics_average_the_steps_and_read_once():
     assert metrics.mean_across_ranks() == {}  # reset after a read
 
 
-def test_non_finite_flag():
-    assert non_finite_flag(torch.tensor(1.0)).item() == 0.0
-    assert non_finite_flag(torch.tensor(float("nan"))).item() == 1.0
-    assert non_finite_flag(torch.tensor(float("-inf"))).item() == 1.0
+def test_non_finite_flags_mark_each_micro_batch_loss():
+    losses = [torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(-2.5), torch.tensor(float("-inf"))]
+    assert non_finite_flags(losses).tolist() == [0.0, 1.0, 0.0, 1.0]
 
 
 def test_out_of_memory_advice_names_every_memory_setting():
