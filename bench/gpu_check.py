@@ -8,8 +8,8 @@ On a lent GPU machine, from the repository root (bench/gpu_check.sh installs the
     bash bench/gpu_check.sh --skip-trainer --compile --micro-batches 4            # part 2 with torch.compile
 
 Part 1, the path users run: `run_training` -> `TorchTrainer(use_gpu=True)` with NCCL on one GPU, the tiny SDXL on a
-toy feature store, bf16 ZeRO-2: a few steps with a checkpoint, then the same command again to resume to more
-steps. It passes when both runs end at their step count with finite losses, the second resumed (it did not start
+toy feature store, bf16, ZeRO-1 (what `train.zero_stage=auto` gives one worker): a few steps with a checkpoint,
+then the same command again to resume to more steps. It passes when both runs end at their step count with finite losses, the second resumed (it did not start
 over), and the exported UNet loads with plain diffusers. It records each run's logged metrics (peak host memory
 and GPU memory per worker among them).
 

@@ -23,9 +23,9 @@ Steps, in order:
    2 x --batch training rows. They are cached there (rows/: the rows as rows.npz, the raw images and captions of the
    same pairs as raw.parquet, the model kind in kind.txt), so a later run, or a machine without Ray, skips this
    step: copy rows/ and tiny_model/ to a GPU machine.
-2. Phases, in this process: a world-size-1 torch.distributed group and the worker's own `setup_models` (same
-   DeepSpeed config, optimizer and frozen reference). Each repeat runs, one after the other so that a busy
-   machine slows them alike:
+2. Phases, in this process: a world-size-1 torch.distributed group and the worker's own `setup_models` (the
+   DeepSpeed config one worker gets: ZeRO-1 under `train.zero_stage=auto`; optimizer and frozen reference). Each
+   repeat runs, one after the other so that a busy machine slows them alike:
    - one step split into data (`to_pair_batch` + noise draws), policy forward (`pair_mses`), reference forward,
      loss, backward (`engine.backward`), optimizer (`engine.step`);
    - one whole step with RPO, one with DPO: data + `preference_loss` + `engine.backward` + `engine.step`;
@@ -413,6 +413,7 @@ class InLoopEncoder:
 def time_one_process(args: argparse.Namespace, data: dict[str, Any], model_path: str) -> dict[str, Any]:
     """Phases, whole RPO and DPO steps, bare UNet work, store read vs encoding in the loop: medians in ms."""
     from pipeline.models.loader import load_components
+    from pipeline.train.deepspeed_config import resolve_zero_stage
     from pipeline.train.worker import to_pair_batch
 
     device = torch.device(args.device)
@@ -452,6 +453,7 @@ def time_one_process(args: argparse.Namespace, data: dict[str, Any], model_path:
         result["latent_shape"] = list(rows["latents_w"].shape[1:])
         result["peak_bytes"] = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         result["precision"] = str(trainer.dtype).removeprefix("torch.")
+        result["zero_stage"] = resolve_zero_stage(cfg.train)  # train.zero_stage=auto at one worker: 1
         return result
     finally:
         torch.distributed.destroy_process_group()
@@ -660,6 +662,34 @@ def lora_vs_plain(args: argparse.Namespace, data: dict[str, Any], model_path: st
         torch.distributed.destroy_process_group()
 
 
+def zero1_vs_zero2(args: argparse.Namespace, data: dict[str, Any], model_path: str) -> dict[str, float]:
+    """Median ms of a full fine-tune RPO step on one worker under ZeRO-1 (no gradient hooks) and ZeRO-2, the two
+    engines alternating on the same rows and steps; then the largest weight difference between them (0: same maths)."""
+    device = torch.device(args.device)
+    init_process_group(0, 1, free_port(), "nccl" if device.type == "cuda" else "gloo")
+    quiet_deepspeed()
+    try:
+        stages = (1, 2)
+        configs = {stage: bench_config(args, "train.mode=full", f"train.zero_stage={stage}") for stage in stages}
+        trainers = {stage: make_trainer(configs[stage], model_path, data["kind"], device) for stage in stages}
+        rows = rows_of_rank(data["rows"], 0, args.batch)
+        samples: dict[str, list[float]] = {f"zero{stage}": [] for stage in stages}
+        for step in range(WARMUP + args.repeats):
+            for stage in stages[:: 1 if step % 2 == 0 else -1]:
+                trainer, cfg = trainers[stage], configs[stage]
+                ms = timed(device, lambda: trainer.whole_step(rows, step, cfg.loss))[1]
+                if step >= WARMUP:
+                    samples[f"zero{stage}"].append(ms)
+        result = medians(samples)
+        result["zero2_over_zero1"] = result["zero2"] / result["zero1"]
+        weights = [dict(trainers[stage].engine.module.named_parameters()) for stage in stages]
+        result["max_weight_difference"] = max(
+            (weights[0][name].detach() - weights[1][name].detach()).abs().max().item() for name in weights[0])
+        return result
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -736,6 +766,8 @@ def main() -> None:
                         help="train.compile=inductor for our step (the warm-up steps absorb the compilation)")
     parser.add_argument("--lora-vs-plain", action="store_true",
                         help="only: our LoRA DPO step vs a plain diffusers + peft loop (tiny model, CPU); goal >= 1.3")
+    parser.add_argument("--zero1-vs-zero2", action="store_true",
+                        help="only: a full fine-tune step on one worker under ZeRO-1 vs ZeRO-2, and their weights")
     args = parser.parse_args()
     set_environment(args.device)
     if args.device == "cpu":
@@ -761,6 +793,15 @@ def main() -> None:
         print(f"LoRA DPO step, {args.batch} pairs, {args.resolution} px, {args.device}: ours {result['ours']:.1f} ms, "
               f"plain diffusers + peft loop {result['plain']:.1f} ms; plain / ours = {result['plain_over_ours']:.2f} "
               f"(goal >= {GOAL_LORA_SPEEDUP}); wrote {out}")
+        return
+    if args.zero1_vs_zero2:
+        result = zero1_vs_zero2(args, data, model_path)
+        out = args.out if args.out != RESULTS else RESULTS.with_name("train_step_zero1_vs_zero2.json")
+        out.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(args).items()}, **result}, indent=2) + "\n")
+        print(f"full fine-tune RPO step, one worker, {args.batch} pairs, {args.resolution} px, {args.device}: ZeRO-1 "
+              f"{result['zero1']:.1f} ms, ZeRO-2 {result['zero2']:.1f} ms; ZeRO-2 / ZeRO-1 = "
+              f"{result['zero2_over_zero1']:.2f}; largest weight difference after {WARMUP + args.repeats} steps: "
+              f"{result['max_weight_difference']:.3g}; wrote {out}")
         return
     one = time_one_process(args, data, model_path)
     two = time_two_workers(args, model_path) if args.unet == "tiny" else {}
@@ -796,7 +837,7 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     header = (
         f"\n{args.unet} {data['kind']} UNet ({one['unet_parameters'] / 1e6:.2f}M parameters), {args.resolution} px -> latents "
-        f"{one['latent_shape']}, {args.batch} pairs per worker, {one['precision']}, device {report['device_name']} "
+        f"{one['latent_shape']}, {args.batch} pairs per worker, {one['precision']}, ZeRO-{one['zero_stage']} in one process, device {report['device_name']} "
         f"({device}), torch {torch.__version__}, {torch.get_num_threads()} torch thread(s); medians of {args.repeats} repeats ({GATHER_REPEATS} for the losses)"
     )
     print_table(one, two, goals, header)

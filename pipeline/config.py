@@ -101,7 +101,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the device has it, else fp32
     # auto: 1 for LoRA (its gradients and Adam state are small; ZeRO-2's per-parameter gradient hooks cost more
-    # than they save), 2 for full fine-tunes. 3 also partitions the weights (and the reference) across workers.
+    # than they save) and for full fine-tunes on one worker (nothing to partition), 2 for full fine-tunes on
+    # several workers. 3 also partitions the weights (and the reference) across workers.
     zero_stage: Literal["auto", 1, 2, 3] = "auto"
     offload_optimizer: bool = False
     gradient_checkpointing: bool = False

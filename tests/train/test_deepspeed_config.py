@@ -9,8 +9,9 @@ def test_precision_auto():
     assert resolve_precision("fp32", cuda=True, bf16_supported=True) == "fp32"
 
 
-def test_zero2_default_and_zero3_offload():
-    cfg = load_config(None, ["train.batch_size_per_worker=3", "train.grad_accum_steps=2", "train.grad_clip=0.5"])
+def test_zero2_default_on_several_workers_and_zero3_offload():
+    cfg = load_config(None, ["train.batch_size_per_worker=3", "train.grad_accum_steps=2", "train.grad_clip=0.5",
+                             "train.num_workers=2"])
     ds = deepspeed_config(cfg.train, precision="bf16", num_params=10**9)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
@@ -25,12 +26,17 @@ def test_zero2_default_and_zero3_offload():
     assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 1000
 
 
-def test_zero_stage_auto_is_1_for_lora_without_gradient_hooks_and_2_for_full():
-    lora = load_config(None, ["train.mode=lora"])
-    zero = deepspeed_config(lora.train, precision="fp32", num_params=1000)["zero_optimization"]
+def test_zero_stage_auto_is_1_without_gradient_hooks_for_lora_and_one_worker_and_2_for_full_on_several():
+    def zero(*overrides: str) -> dict:
+        return deepspeed_config(load_config(None, list(overrides)).train, precision="fp32",
+                                num_params=1000)["zero_optimization"]
+
     # contiguous_gradients would make stage 1 register a backward hook per parameter
-    assert zero["stage"] == 1 and zero["contiguous_gradients"] is False
-    full = deepspeed_config(load_config(None, []).train, precision="fp32", num_params=1000)["zero_optimization"]
-    assert full["stage"] == 2 and full["contiguous_gradients"] is True
+    for lora in (zero("train.mode=lora", "train.num_workers=1"), zero("train.mode=lora", "train.num_workers=4")):
+        assert lora["stage"] == 1 and lora["contiguous_gradients"] is False
+    one_worker = zero("train.mode=full", "train.num_workers=1")
+    assert one_worker["stage"] == 1 and one_worker["contiguous_gradients"] is False
+    several = zero("train.mode=full", "train.num_workers=2")
+    assert several["stage"] == 2 and several["contiguous_gradients"] is True
     assert deepspeed_config(load_config(None, ["train.mode=lora", "train.zero_stage=2"]).train, precision="fp32",
                             num_params=1000)["zero_optimization"]["stage"] == 2
