@@ -693,6 +693,13 @@ def zero1_vs_zero2(args: argparse.Namespace, data: dict[str, Any], model_path: s
 # ------------------------------------------------------------------------------------------------ report
 
 
+def write_comparison(args: argparse.Namespace, default_name: str, result: dict[str, Any]) -> Path:
+    """A one-question run's JSON (the arguments and the result): --out, else bench/results/<default_name>."""
+    out = args.out if args.out != RESULTS else RESULTS.with_name(default_name)
+    out.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(args).items()}, **result}, indent=2) + "\n")
+    return out
+
+
 def goal(name: str, value: float, limit: float) -> dict[str, Any]:
     return {"name": name, "value": value, "goal_at_most": limit, "pass": value <= limit,
             "margin": value - limit}
@@ -788,16 +795,14 @@ def main() -> None:
         model_path = full_size_model(args, str(build_tiny_sdxl(WORK / "tiny-schedule")))
     if args.lora_vs_plain:
         result = lora_vs_plain(args, data, model_path)
-        out = args.out if args.out != RESULTS else RESULTS.with_name("train_step_lora_vs_plain.json")
-        out.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(args).items()}, **result}, indent=2) + "\n")
+        out = write_comparison(args, "train_step_lora_vs_plain.json", result)
         print(f"LoRA DPO step, {args.batch} pairs, {args.resolution} px, {args.device}: ours {result['ours']:.1f} ms, "
               f"plain diffusers + peft loop {result['plain']:.1f} ms; plain / ours = {result['plain_over_ours']:.2f} "
               f"(goal >= {GOAL_LORA_SPEEDUP}); wrote {out}")
         return
     if args.zero1_vs_zero2:
         result = zero1_vs_zero2(args, data, model_path)
-        out = args.out if args.out != RESULTS else RESULTS.with_name("train_step_zero1_vs_zero2.json")
-        out.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(args).items()}, **result}, indent=2) + "\n")
+        out = write_comparison(args, "train_step_zero1_vs_zero2.json", result)
         print(f"full fine-tune RPO step, one worker, {args.batch} pairs, {args.resolution} px, {args.device}: ZeRO-1 "
               f"{result['zero1']:.1f} ms, ZeRO-2 {result['zero2']:.1f} ms; ZeRO-2 / ZeRO-1 = "
               f"{result['zero2_over_zero1']:.2f}; largest weight difference after {WARMUP + args.repeats} steps: "
