@@ -2,9 +2,9 @@
 
     python3 bench/profile_engine_step.py --unet sdxl --resolution 1024 --batch 1
 
-Builds the same trainer as bench/train_step.py (`setup_models`, ZeRO-2, bf16, one process), runs a few whole RPO
-steps to warm up, then profiles one step's backward and optimizer step with torch.profiler and prints the top
-operators by device time and by host time. Writes nothing but the table.
+Builds the same trainer as bench/train_step.py (`setup_models`, ZeRO-2 unless `--zero-stage 1`, bf16, one
+process), runs a few whole RPO steps to warm up, then profiles one step's backward and optimizer step with
+torch.profiler and prints the top operators by device time and by host time. Writes nothing but the table.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--zero-stage", type=int, choices=[1, 2], default=2,
+                        help="2: the committed profile's setting; 1: what train.zero_stage=auto gives one worker")
     args = parser.parse_args()
     bench = load_bench()
     bench.set_environment(args.device)
@@ -42,7 +44,7 @@ def main() -> None:
     model_path = bench.full_size_model(args, str(build_tiny_sdxl(bench.WORK / "tiny-schedule")))
     bench.init_process_group(0, 1, bench.free_port(), "nccl")
     bench.quiet_deepspeed()
-    cfg = bench.bench_config(args)
+    cfg = bench.bench_config(args, f"train.zero_stage={args.zero_stage}")
     trainer = bench.make_trainer(cfg, model_path, data["kind"], torch.device(args.device))
     rows = bench.rows_of_rank(data["rows"], 0, args.batch)
     for step in range(3):
