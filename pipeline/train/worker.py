@@ -305,6 +305,9 @@ class Recipe:
             step=self.step,
             lr=engine.get_lr()[0],
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            # Updates DeepSpeed dropped for non-finite gradients (fp16's loss scaling; bf16/fp32: a sign of trouble).
+            # It skips them without a word, so they are counted here (since the run began, kept in checkpoints).
+            skipped_steps=engine.skipped_steps,
             samples_per_s=self.world * t.batch_size_per_worker * t.grad_accum_steps * window_steps / elapsed,
             **peak_memory_gib(engine.device),
         )
@@ -322,7 +325,7 @@ class Recipe:
         if self.step >= t.max_steps:
             return
         per_epoch = steps_per_epoch(self.cfg, self.plan.train_rows, self.world)
-        first_step = self.step
+        first_step, skipped = self.step, self.models.engine.skipped_steps
         window_steps, tick = 0, time.perf_counter()
         for step_now, micro, rows in micro_batches(shard, self.cfg, start_step=self.step, per_epoch=per_epoch):
             if step_now == first_step:
@@ -340,6 +343,12 @@ class Recipe:
                 logged = self.log_line(elapsed=now - tick, window_steps=window_steps, start_holdout=start_holdout)
                 if self.rank == 0:
                     print(f"[train] step {self.step}/{t.max_steps} {_fmt(logged)}", flush=True)
+                    if logged["skipped_steps"] > skipped:
+                        print(f"[train] warning: DeepSpeed skipped {logged['skipped_steps'] - skipped} optimizer "
+                              f"step(s) since the last line: their gradients were not finite, so nothing was "
+                              f"applied (in bf16/fp32 lower train.lr or raise train.grad_clip if this repeats)",
+                              flush=True)
+                skipped = logged["skipped_steps"]
                 self.save(logged, checkpoint=checkpoint_now)
                 window_steps, tick = 0, now  # since the last log line, so the next includes this line's report
             if self.step >= t.max_steps:

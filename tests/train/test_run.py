@@ -48,6 +48,7 @@ def test_zero2_run_writes_a_unet_diffusers_loads(uninterrupted):
     for key in ("loss", "implicit_accuracy", "reward_margin", "policy_mse_w", "ref_mse_w", "off_diagonal_mass",
                 "lr", "grad_norm", "samples_per_s", "holdout_accuracy", "start_holdout_accuracy"):
         assert key in result.metrics and result.metrics[key] == result.metrics[key], key  # present, not NaN
+    assert result.metrics["skipped_steps"] == 0  # every update applied
     run_dir = os.path.join(cfg.run_dir, "train")
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0")) == [
         "checkpoint_00000004", "checkpoint_00000006"]  # keep_checkpoints=2
