@@ -6,12 +6,13 @@ On a lent GPU machine, from the repository root (bench/gpu_check.sh installs the
     .venv/bin/python bench/gpu_check.py --cpu-smoke   # the tiny part on the CPU with gloo (what a test runs)
     bash bench/gpu_check.sh --skip-trainer --zero-stage 1 --micro-batches 1 4   # part 2 under ZeRO-1
     bash bench/gpu_check.sh --skip-trainer --compile --micro-batches 4            # part 2 with torch.compile
+    bash bench/gpu_check.sh --skip-trainer --set train.deepspeed.bf16.check_grad_overflow=false   # any setting
 
 Part 1, the path users run: `run_training` -> `TorchTrainer(use_gpu=True)` with NCCL on one GPU, the tiny SDXL on a
 toy feature store, bf16, ZeRO-1 (what `train.zero_stage=auto` gives one worker): a few steps with a checkpoint,
-then the same command again to resume to more steps. It passes when both runs end at their step count with finite losses, the second resumed (it did not start
-over), and the exported UNet loads with plain diffusers. It records each run's logged metrics (peak host memory
-and GPU memory per worker among them).
+then the same command again to resume to more steps. It passes when both runs end at their step count with finite
+losses, the second resumed (it did not start over), and the exported UNet loads with plain diffusers. It records
+each run's logged metrics (peak host memory and GPU memory per worker among them).
 
 Part 2, the full-size step: one process, world size 1 over NCCL, the worker's own `setup_models` (bf16, ZeRO-2,
 fused AdamW) on a random-weight SDXL UNet (2.6B parameters) at 1024 px (128x128 latents), synthetic rows of the
@@ -137,7 +138,8 @@ def peak_flops(device_name: str, cost_model) -> float | None:
     return None
 
 
-def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, compile_: bool, out_file: str) -> None:
+def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, compile_: bool, overrides: list[str],
+                   out_file: str) -> None:
     """One micro-batch setting in this (fresh) process: whole RPO steps on a full-size SDXL UNet; JSON to out_file."""
     import resource
 
@@ -155,7 +157,7 @@ def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, compile_: b
     bench.quiet_deepspeed()
     try:
         cfg = bench.bench_config(args, f"train.gradient_checkpointing={'true' if checkpointing else 'false'}",
-                                 f"train.zero_stage={zero_stage}")
+                                 f"train.zero_stage={zero_stage}", *overrides)
         device = torch.device("cuda")
         torch.cuda.reset_peak_memory_stats(device)
         trainer = bench.make_trainer(cfg, model_path, "sdxl", device)
@@ -168,6 +170,7 @@ def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, compile_: b
                 times.append(ms / 1e3)
         result = {
             "pairs": pairs, "gradient_checkpointing": checkpointing, "zero_stage": zero_stage, "compile": compile_,
+            "overrides": overrides,
             "step_s": statistics.median(times),
             "step_s_all": times, "peak_gpu_bytes": torch.cuda.max_memory_allocated(device),
             "peak_gpu_bytes_after_setup": setup_peak,
@@ -183,7 +186,8 @@ def full_size_step(pairs: int, checkpointing: bool, zero_stage: int, compile_: b
 
 
 def run_full_size_part(work: Path, micro_batches: tuple[int, ...], cost: dict[str, Any], *,
-                       zero_stage: int = 2, compile_: bool = False) -> list[dict[str, Any]]:
+                       zero_stage: int = 2, compile_: bool = False, overrides: tuple[str, ...] = ()
+                       ) -> list[dict[str, Any]]:
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -196,7 +200,7 @@ def run_full_size_part(work: Path, micro_batches: tuple[int, ...], cost: dict[st
         checkpointing = predicted_peak_bytes(cost, pairs, False) > FIT_SHARE * total
         out_file = work / f"full_size_b{pairs}.json"
         process = context.Process(target=full_size_step,
-                                  args=(pairs, checkpointing, zero_stage, compile_, str(out_file)))
+                                  args=(pairs, checkpointing, zero_stage, compile_, list(overrides), str(out_file)))
         process.start()
         process.join()
         if process.exitcode != 0 or not out_file.exists():
@@ -216,7 +220,8 @@ def run_full_size_part(work: Path, micro_batches: tuple[int, ...], cost: dict[st
 
 
 def format_full_size(r: dict[str, Any]) -> str:
-    head = (f"SDXL 1024 px, ZeRO-{r.get('zero_stage', 2)}{', compiled' if r.get('compile') else ''}, "
+    head = (f"SDXL 1024 px, ZeRO-{r.get('zero_stage', 2)}{', compiled' if r.get('compile') else ''}"
+            f"{''.join(', ' + o for o in r.get('overrides', []))}, "
             f"{r['pairs']} pair(s)/GPU, checkpointing "
             f"{'on' if r['gradient_checkpointing'] else 'off'}:")
     if "error" in r:
@@ -303,6 +308,9 @@ def main() -> None:
                         help="part 2's ZeRO stage (the goal is stated for 2; 1 skips the per-parameter gradient hooks)")
     parser.add_argument("--compile", action="store_true",
                         help="part 2 with train.compile=inductor (the warm-up steps absorb the compilation)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a config override for part 2's steps (repeatable), e.g. "
+                             "train.deepspeed.zero_optimization.overlap_comm=true")
     parser.add_argument("--work", type=Path, default=RESULTS / "work" / "gpu-check")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: $OUT or bench/results/)")
     args = parser.parse_args()
@@ -331,7 +339,8 @@ def main() -> None:
         cost = cost_of_sdxl()
         report["flops_per_pair"] = cost["flops_per_pair"]
         report["full_size_sdxl"] = run_full_size_part(args.work, tuple(args.micro_batches), cost,
-                                                      zero_stage=args.zero_stage, compile_=args.compile)
+                                                      zero_stage=args.zero_stage, compile_=args.compile,
+                                                      overrides=tuple(args.overrides))
         try:
             report["attention_ms"] = attention_backends()
             for shape_name, row in report["attention_ms"].items():

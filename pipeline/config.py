@@ -109,6 +109,10 @@ class TrainConfig:
     # A torch.compile backend ("inductor") for the UNet, policy and reference, through DeepSpeed's engine.compile():
     # the first steps pay the compilation (minutes), later passes run fused kernels (bench/NOTES.md). None: eager.
     compile: str | None = None
+    # More DeepSpeed config, merged over what the settings above imply (pipeline/train/deepspeed_config.py), for what
+    # they do not name: e.g. --set train.deepspeed.zero_optimization.overlap_comm=true. Keys those settings decide
+    # (batch sizes, accumulation, clipping, ZeRO stage, offload, precision, optimizer, schedule) are refused.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
     prompt_dropout: float = 0.0
     seed: int = 0
     checkpoint_every: int = 40
@@ -398,6 +402,9 @@ def validate(cfg: AlignConfig) -> None:
     need(t.worker_num_cpus > 0, "train.worker_num_cpus", t.worker_num_cpus, "> 0")
     need(t.plan_batches_per_cluster >= 1, "train.plan_batches_per_cluster", t.plan_batches_per_cluster,
          "an integer >= 1")
+    from pipeline.train.deepspeed_config import check_deepspeed_extra
+
+    check_deepspeed_extra(t.deepspeed)
     if t.offload_optimizer and t.optimizer == "adafactor":
         raise ConfigError(
             "config keys 'train.offload_optimizer' and 'train.optimizer': DeepSpeed's CPU offload needs AdamW; "

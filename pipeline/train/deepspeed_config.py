@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
+
+# DeepSpeed keys that typed settings decide, and the setting to use instead: `train.deepspeed` may not set them.
+DECIDED_BY_SETTINGS = {
+    "train_batch_size": "train.batch_size_per_worker, train.grad_accum_steps and train.num_workers",
+    "train_micro_batch_size_per_gpu": "train.batch_size_per_worker",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer": "train.offload_optimizer",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "bfloat16": "train.precision",
+    "optimizer": "train.optimizer (the worker builds it)",
+    "scheduler": "train.lr_schedule (the worker builds it)",
+}
 
 
 def resolve_precision(requested: str, *, cuda: bool, bf16_supported: bool) -> str:
@@ -33,6 +48,31 @@ def resolve_zero_stage(train: TrainConfig) -> int:
     if train.zero_stage != "auto":
         return int(train.zero_stage)
     return 1 if train.mode == "lora" or train.num_workers == 1 else 2
+
+
+def _dotted_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, prefix + key + ".")
+    return keys
+
+
+def check_deepspeed_extra(extra: dict[str, Any]) -> None:
+    """Refuse `train.deepspeed` keys that a typed setting decides, naming the setting to use."""
+    for key in _dotted_keys(extra):
+        if key in DECIDED_BY_SETTINGS:
+            raise ConfigError(
+                f"config key 'train.deepspeed.{key}': set by {DECIDED_BY_SETTINGS[key]}; use that instead")
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, section by section; `extra`'s values win."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def deepspeed_config(train: TrainConfig, *, precision: str, num_params: int) -> dict[str, Any]:
@@ -66,4 +106,4 @@ def deepspeed_config(train: TrainConfig, *, precision: str, num_params: int) -> 
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    return config
+    return merged(config, train.deepspeed)

@@ -1,4 +1,6 @@
-from pipeline.config import load_config
+import pytest
+
+from pipeline.config import ConfigError, load_config
 from pipeline.train.deepspeed_config import deepspeed_config, resolve_precision
 
 
@@ -40,3 +42,16 @@ def test_zero_stage_auto_is_1_without_gradient_hooks_for_lora_and_one_worker_and
     assert several["stage"] == 2 and several["contiguous_gradients"] is True
     assert deepspeed_config(load_config(None, ["train.mode=lora", "train.zero_stage=2"]).train, precision="fp32",
                             num_params=1000)["zero_optimization"]["stage"] == 2
+
+
+def test_train_deepspeed_merges_what_the_settings_do_not_name_and_refuses_what_they_decide():
+    cfg = load_config(None, ["train.num_workers=2", "train.deepspeed.zero_optimization.overlap_comm=true",
+                             "train.deepspeed.bf16.check_grad_overflow=false"])
+    ds = deepspeed_config(cfg.train, precision="bf16", num_params=1000)
+    assert ds["zero_optimization"]["overlap_comm"] is True
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 1000  # kept
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    for key, setting in (("zero_optimization.stage=3", "train.zero_stage"), ("gradient_clipping=0", "train.grad_clip"),
+                         ("bf16.enabled=true", "train.precision")):
+        with pytest.raises(ConfigError, match=rf"'train.deepspeed.{key.split('=')[0]}': set by {setting}"):
+            load_config(None, [f"train.deepspeed.{key}"])
