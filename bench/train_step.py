@@ -634,6 +634,18 @@ class PlainLoraLoop:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def alternating_medians(device: torch.device, repeats: int, runs: dict[str, Callable[[int], Any]]) -> dict[str, float]:
+    """Median ms of each run(step) after WARMUP steps, the runs alternating in order and reverse order every other
+    step, so a busy machine slows them alike."""
+    samples: dict[str, list[float]] = {key: [] for key in runs}
+    for step in range(WARMUP + repeats):
+        for key in list(runs)[:: 1 if step % 2 == 0 else -1]:
+            ms = timed(device, lambda: runs[key](step))[1]
+            if step >= WARMUP:
+                samples[key].append(ms)
+    return medians(samples)
+
+
 def lora_vs_plain(args: argparse.Namespace, data: dict[str, Any], model_path: str) -> dict[str, float]:
     """Median ms of our LoRA DPO step (worker's setup_models, feature-store rows, DeepSpeed) and of the plain loop
     on the same pairs, alternating; `plain_over_ours` > 1 means ours is faster."""
@@ -645,16 +657,10 @@ def lora_vs_plain(args: argparse.Namespace, data: dict[str, Any], model_path: st
         plain = PlainLoraLoop(cfg, model_path, data["kind"])
         rows = rows_of_rank(data["rows"], 0, args.batch)
         raw = {k: v[: args.batch] for k, v in data["raw"].items()}
-        samples: dict[str, list[float]] = {"ours": [], "plain": []}
-        for step in range(WARMUP + args.repeats):
-            runs = [("ours", lambda: trainer.whole_step(rows, step, cfg.loss)), ("plain", lambda: plain.step(raw, step))]
-            for key, work in runs[:: 1 if step % 2 == 0 else -1]:
-                ms = timed(trainer.device, work)[1]
-                if step >= WARMUP:
-                    samples[key].append(ms)
+        result = alternating_medians(trainer.device, args.repeats, {
+            "ours": lambda step: trainer.whole_step(rows, step, cfg.loss), "plain": lambda step: plain.step(raw, step)})
         from pipeline.train.deepspeed_config import resolve_zero_stage
 
-        result = medians(samples)
         result["plain_over_ours"] = result["plain"] / result["ours"]
         result["zero_stage"] = resolve_zero_stage(cfg.train)
         return result
@@ -673,14 +679,9 @@ def zero1_vs_zero2(args: argparse.Namespace, data: dict[str, Any], model_path: s
         configs = {stage: bench_config(args, "train.mode=full", f"train.zero_stage={stage}") for stage in stages}
         trainers = {stage: make_trainer(configs[stage], model_path, data["kind"], device) for stage in stages}
         rows = rows_of_rank(data["rows"], 0, args.batch)
-        samples: dict[str, list[float]] = {f"zero{stage}": [] for stage in stages}
-        for step in range(WARMUP + args.repeats):
-            for stage in stages[:: 1 if step % 2 == 0 else -1]:
-                trainer, cfg = trainers[stage], configs[stage]
-                ms = timed(device, lambda: trainer.whole_step(rows, step, cfg.loss))[1]
-                if step >= WARMUP:
-                    samples[f"zero{stage}"].append(ms)
-        result = medians(samples)
+        result = alternating_medians(device, args.repeats, {
+            f"zero{stage}": lambda step, t=trainers[stage], c=configs[stage]: t.whole_step(rows, step, c.loss)
+            for stage in stages})
         result["zero2_over_zero1"] = result["zero2"] / result["zero1"]
         weights = [dict(trainers[stage].engine.module.named_parameters()) for stage in stages]
         result["max_weight_difference"] = max(

@@ -11,9 +11,9 @@ mostly the tokens' random vectors: the weights then carry no meaning. Fitted her
 Text similarity then follows from the images: captions whose scenes look alike come out close. Measured with the
 defaults (README Limits): on unseen scenes text->image top-1 retrieval 0.79 (flat renders, chance 0.008), and
 captions sharing a position, colour or shape are closer. This module is the toy world's (it knows the renders and
-captions). `model.clip_pretrained=toy` selects it (`pipeline.models.resolve.resolve_clip_pretrained`): the driver fits once, `toy_clip_weights` caches the weights
-file by `ToyClipSettings.tag()`, and every process loads that file through open_clip's own `pretrained=<file>` path,
-as it would a published checkpoint.
+captions). `model.clip_pretrained=toy` selects it (`pipeline.models.resolve.resolve_clip_pretrained`): the driver
+fits once, `toy_clip_weights` caches the weights file by `ToyClipSettings.tag()`, and every process loads that file
+through open_clip's own `pretrained=<file>` path, as it would a published checkpoint.
 """
 
 from __future__ import annotations

@@ -50,21 +50,14 @@ def resolve_zero_stage(train: TrainConfig) -> int:
     return 1 if train.mode == "lora" or train.num_workers == 1 else 2
 
 
-def _dotted_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in values.items():
-        keys.append(prefix + key)
-        if isinstance(value, dict):
-            keys += _dotted_keys(value, prefix + key + ".")
-    return keys
-
-
 def check_deepspeed_extra(extra: dict[str, Any]) -> None:
-    """Refuse `train.deepspeed` keys that a typed setting decides, naming the setting to use."""
-    for key in _dotted_keys(extra):
-        if key in DECIDED_BY_SETTINGS:
-            raise ConfigError(
-                f"config key 'train.deepspeed.{key}': set by {DECIDED_BY_SETTINGS[key]}; use that instead")
+    """Refuse `train.deepspeed` keys that a typed setting decides (or keys under them), naming the setting to use."""
+    from pipeline.precompute.store import flatten_settings
+
+    for key in sorted(set(extra) | set(flatten_settings(extra))):
+        for decided, setting in DECIDED_BY_SETTINGS.items():
+            if key == decided or key.startswith(decided + "."):
+                raise ConfigError(f"config key 'train.deepspeed.{decided}': set by {setting}; use that instead")
 
 
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

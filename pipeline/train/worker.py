@@ -1,9 +1,9 @@
 """The Ray Train worker loop as a recipe: setup, train step, evaluate, save, cleanup (one process per GPU).
 
 Reads the feature store through `ray.train.get_dataset_shard`; never runs the VAE or the text encoders. The model
-is wrapped by `deepspeed.initialize` (ZeRO-2 by default, pipeline/train/models.py); the reference is one component
-(pipeline/train/reference.py) and the objective one interface (pipeline/train/step.py) that training and the
-holdout evaluation share.
+is wrapped by `deepspeed.initialize` (the ZeRO stage from `resolve_zero_stage`, pipeline/train/models.py); the
+reference is one component (pipeline/train/reference.py) and the objective one interface (pipeline/train/step.py)
+that training and the holdout evaluation share.
 
 On a GPU nothing inside a step waits for the device except one read of the non-finite flags per optimizer step,
 after the last backward of the accumulation and before the update (a non-finite step is never applied). Metrics
