@@ -31,6 +31,17 @@ def model_uri(cfg: AlignConfig) -> str:
     return join_uri(cfg.run_dir, "model")
 
 
+def with_absolute_paths(cfg: AlignConfig) -> AlignConfig:
+    """The config with its local run and store folders made absolute, as the workers get it: a Ray Train worker runs
+    in Ray's own working directory, where a relative path (the default storage "runs") would send its writes, the
+    exported model among them, somewhere the driver never looks."""
+    out = AlignConfig.from_dict(cfg.to_dict())
+    out.cluster.storage_path = absolute(cfg.cluster.storage_path)
+    if cfg.precompute.store:
+        out.precompute.store = absolute(cfg.precompute.store)
+    return out
+
+
 def holdout_sample(cfg: AlignConfig, manifest: dict[str, Any]):
     """A fixed sample of held-apart pairs, put in Ray's object store once for every worker (None if there are none).
 
@@ -152,21 +163,22 @@ def run_training(cfg: AlignConfig, *, callbacks: list | None = None) -> TrainRes
     check_store_model(manifest, model_settings(cfg, resolve_model_path(cfg)), cfg.store_uri)
     pair_ids, train_rows = training_pairs(cfg, manifest)
     datasets, train_rows = training_datasets(cfg, pair_ids, train_rows)
+    worker_cfg = with_absolute_paths(cfg)
     plan = WorkerPlan(
         model_path=training_model_path(cfg),
         kind=manifest["model"]["kind"],
         train_rows=train_rows,
-        model_out=model_uri(cfg),
+        model_out=model_uri(worker_cfg),
         holdout=holdout_sample(cfg, manifest),
     )
     # Same order every epoch and every run: a resumed or restarted run sees exactly the batches it would have.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     resources = {"CPU": cfg.train.worker_num_cpus} | ({"GPU": 1} if cfg.train.use_gpu else {})
-    storage = absolute(cfg.run_dir)
+    storage = worker_cfg.run_dir
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": vars(plan)},
+        train_loop_config={"cfg": worker_cfg.to_dict(), "plan": vars(plan)},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),

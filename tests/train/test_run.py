@@ -117,8 +117,12 @@ def test_optimizer_offload_run_matches(toy_store, uninterrupted):
     _assert_same_update(toy_store, result, zero2)  # DeepSpeed's CPU Adam in place of torch's AdamW
 
 
-def test_lora_run_resumes_and_loads_with_load_lora_weights(toy_store):
-    lora = ("train.mode=lora", "train.lr=1e-2", "train.num_workers=1", "loss.objective=dpo", "train.checkpoint_every=2")
+def test_lora_run_resumes_and_loads_with_load_lora_weights(toy_store, monkeypatch):
+    # A relative storage path, as the embedded default's "runs": the worker, whose working directory is Ray's,
+    # must still export where the driver looks.
+    monkeypatch.chdir(toy_store.storage.parent)
+    lora = ("train.mode=lora", "train.lr=1e-2", "train.num_workers=1", "loss.objective=dpo", "train.checkpoint_every=2",
+            f"cluster.storage_path={toy_store.storage.name}")
     assert run_training(toy_store.config("lora", *lora, "train.max_steps=2")).metrics["step"] == 2
     cfg = toy_store.config("lora", *lora, "train.max_steps=3")  # ZeRO-1 (auto for LoRA), adapters-only checkpoint
     result = run_training(cfg)
