@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pipeline.evaluate.scorer_weights import WeightsNotFound  # the one class every scorer raises (a leaf module)
+# The one class every scorer raises, and the weights reader that names the file and its source (a leaf module).
+from pipeline.evaluate.scorer_weights import WeightsNotFound, read_torch_file
 
 PUBLISHED_MEAN = 0.16717362830052426  # ImageReward.mean: the head's raw output mean on their data
 PUBLISHED_STD = 1.0333394966054072
@@ -66,6 +67,8 @@ IGNORED_KEYS = (
     "blip.text_encoder.embeddings.position_ids",
 )
 CONFIG_KEY = "evaluate.imagereward"
+WEIGHTS_SOURCE = (f"{WEIGHTS_FILE} of the Hugging Face hub repo {HUB_REPO} (https://huggingface.co/{HUB_REPO}; "
+                  f"huggingface_hub.hf_hub_download('{HUB_REPO}', '{WEIGHTS_FILE}') fetches it)")
 _WHERE = (f"ImageReward's published files are {WEIGHTS_FILE} and {MED_CONFIG_FILE} of the hub repo {HUB_REPO} "
           f"(https://huggingface.co/{HUB_REPO}); its tokenizer is {DEFAULT_TOKENIZER} (a folder with vocab.txt)")
 
@@ -491,7 +494,7 @@ class ImageRewardScorer:
         tokenizer = load_tokenizer(backbone)  # before reading 1.8 GB, so a missing tokenizer fails fast
         with torch.device("meta"):  # no random init of 446M parameters only to overwrite them
             model = ImageRewardModel(load_arch(arch, med_config=med_config if arch is None else None))
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        state = read_torch_file(weights_file, scorer="imagereward", source=WEIGHTS_SOURCE)  # names file and source
         fitted = fit_state_dict(model, state, source=str(weights_file))
         # float32 as the published modules, whatever the file's dtype
         model.load_state_dict({k: v.float() for k, v in fitted.items()}, strict=True, assign=True)

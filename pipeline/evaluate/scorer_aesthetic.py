@@ -4,6 +4,12 @@ As published (simple_inference.py): OpenAI CLIP ViT-L/14 image embeddings, L2-no
 linear layers with dropout between the first four and no activations; the head file
 (sac+logos+ava1-l14-linearMSE.pth) is a plain state dict (layers.0, .2, .4, .6, .7). The score is on the AVA
 1-10 scale (about 5-6 for ordinary photos). Prompts are not used.
+
+The backbone is OpenAI's CLIP, trained with QuickGELU: the published architecture is open_clip's
+ViT-L-14-quickgelu, with the tag "openai" or that model's open_clip-format weights file. (open_clip's plain
+ViT-L-14 is GELU: the same tensors loaded into it give other embeddings, and scores that are off with no error.)
+OpenAI's own TorchScript ViT-L-14.pt is not that file. An ``arch`` other than the published one scores another
+CLIP's embeddings, so its ``backbone`` must be named.
 """
 
 from __future__ import annotations
@@ -15,13 +21,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.evaluate.scorer_weights import check_state_dict, read_torch_file, resolve_file
+from pipeline.evaluate.scorer_weights import WeightsNotFound, check_state_dict, read_torch_file, resolve_file
 from pipeline.evaluate.scorers import TINY_NAME, check_batch, load_open_clip, save_tiny_open_clip, seeded
 
 SOURCE = ("sac+logos+ava1-l14-linearMSE.pth from https://github.com/christophschuhmann/improved-aesthetic-predictor "
           "(raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth)")
-BACKBONE_SOURCE = "OpenAI CLIP ViT-L/14: open_clip arch ViT-L-14 with pretrained tag 'openai', or that weights file"
-PUBLISHED_ARCH, PUBLISHED_BACKBONE = "ViT-L-14", "openai"
+BACKBONE_SOURCE = ("OpenAI CLIP ViT-L/14: the open_clip pretrained tag 'openai' (open_clip fetches it), or its "
+                   "open_clip-format weights file (open_clip_pytorch_model.bin of the hub repo "
+                   "timm/vit_large_patch14_clip_224.openai)")
+PUBLISHED_ARCH, PUBLISHED_BACKBONE = "ViT-L-14-quickgelu", "openai"
+# Arch names that mean the published CLIP, so the published backbone is their default ("ViT-L-14" with "openai"
+# is built with QuickGELU too: open_clip_build reads the tag's record).
+PUBLISHED_ARCH_NAMES = (PUBLISHED_ARCH, "ViT-L-14")
 
 
 class AestheticHead(nn.Module):
@@ -57,8 +68,8 @@ class AestheticScorer:
         path = resolve_file(weights, scorer="aesthetic", source=SOURCE)  # the small file first: fail fast
         state_dict = read_torch_file(path, scorer="aesthetic", source=SOURCE)
         arch = arch or PUBLISHED_ARCH
-        pretrained = backbone or (PUBLISHED_BACKBONE if arch == PUBLISHED_ARCH else None)
-        embedder = load_open_clip("aesthetic", arch, pretrained, device=device, key="backbone", source=BACKBONE_SOURCE)
+        embedder = load_open_clip("aesthetic", arch, backbone_for(arch, backbone), device=device, key="backbone",
+                                  source=BACKBONE_SOURCE)
         head = AestheticHead(_embedding_width(embedder))
         check_state_dict(head.state_dict(), state_dict, scorer="aesthetic", path=path, source=SOURCE,
                          arch=f"head on {arch} embeddings")
@@ -72,6 +83,21 @@ class AestheticScorer:
             return np.zeros(0, dtype=np.float64)
         embeddings = self.embedder.embed_images(images).to(self.embedder.device)  # L2-normalised, as published
         return self.head(embeddings).squeeze(-1).double().cpu().numpy()
+
+
+def backbone_for(arch: str, backbone: str | None) -> str:
+    """The backbone to load: the one given, else the published one for the published arch; another arch without a
+    backbone would be a randomly initialised CLIP, so it is refused."""
+    if backbone:
+        return backbone
+    if arch in PUBLISHED_ARCH_NAMES:
+        return PUBLISHED_BACKBONE
+    raise WeightsNotFound(
+        f"aesthetic scorer: evaluate.aesthetic.arch={arch!r} is set but evaluate.aesthetic.backbone is not, so the "
+        f"CLIP would have random weights. Set evaluate.aesthetic.backbone to the weights of the CLIP the head was "
+        f"trained on (an open_clip pretrained tag of {arch} or a local open_clip weights file), or unset "
+        f"evaluate.aesthetic.arch for the published {BACKBONE_SOURCE}."
+    )
 
 
 def _embedding_width(embedder) -> int:

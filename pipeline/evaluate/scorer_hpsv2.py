@@ -18,7 +18,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from pipeline.evaluate.scorer_weights import check_state_dict, read_torch_file, resolve_file
-from pipeline.evaluate.scorers import TINY_NAME, check_batch, load_open_clip, save_tiny_open_clip
+from pipeline.evaluate.scorers import TINY_NAME, check_batch, save_tiny_open_clip
+from pipeline.models.clip import RANDOM, ClipEmbedder
 
 SOURCE = ("HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt for HPSv2.0) from the Hugging Face hub repo xswu/HPSv2 "
           "(hub id xswu/HPSv2/HPS_v2.1_compressed.pt)")
@@ -46,8 +47,10 @@ class HpsV2Scorer:
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError(f"hpsv2 scorer: {path} is not an HPS checkpoint (a dict with a 'state_dict' key). "
                              f"Expected {SOURCE}; set evaluate.hpsv2.weights to that file.")
-        # The architecture is built without pretrained CLIP weights: the checkpoint replaces every tensor.
-        embedder = load_open_clip("hpsv2", arch, None, device=device, key="arch")
+        try:  # the bare architecture, explicitly random: the checkpoint replaces every tensor (key set checked below)
+            embedder = ClipEmbedder(arch, RANDOM, device=device)  # ViT-H-14 as named: GELU, as HPS was trained
+        except ValueError as err:
+            raise ValueError(f"hpsv2 scorer: evaluate.hpsv2.arch={arch!r}: {err}") from err
         check_state_dict(embedder.model.state_dict(), checkpoint["state_dict"], scorer="hpsv2", path=path,
                          source=SOURCE, arch=arch)
         embedder.model.load_state_dict(checkpoint["state_dict"])  # a float16 file is cast to float32

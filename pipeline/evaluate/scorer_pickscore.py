@@ -2,7 +2,14 @@
 
 As published (yuvalkirstain/PickScore README): `CLIPModel.from_pretrained("yuvalkirstain/PickScore_v1")` with the
 processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`; score = logit_scale.exp() * cos(image_embeds, text_embeds)
-(about 20-23 for good images). In transformers 5 `get_image_features` / `get_text_features` return an output
+(about 20-23 for good images).
+
+The processor is always the backbone's (``evaluate.pickscore.backbone``: a folder or hub id, default the laion one),
+never processor files that lie beside the weights: those may be anyone's, and the model was trained on the laion
+processor's pixels. Its images are resized with PIL bicubic (CLIPImageProcessorPil), as transformers 4 did for the
+published code; transformers 5's default CLIP image processor resizes with torchvision, giving other pixels.
+
+In transformers 5 `get_image_features` / `get_text_features` return an output
 object whose `pooler_output` holds the projected embeddings (a tensor in 4.x): `_projected` takes either.
 """
 
@@ -25,10 +32,18 @@ PUBLISHED_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 MAX_TOKENS = 77
 
 
-def _has_processor(folder: Path) -> bool:
-    image_config = (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file()
-    tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
-    return image_config and tokenizer
+def load_processor(backbone: str | None):
+    """The backbone's CLIP processor: PIL bicubic image processing and its tokenizer (see the module docstring)."""
+    from transformers import CLIPImageProcessorPil, CLIPProcessor, CLIPTokenizer
+
+    folder = resolve_folder(backbone or PUBLISHED_PROCESSOR, scorer="pickscore", source=PROCESSOR_SOURCE,
+                            key="backbone", allow_patterns=["*.json", "*.txt"])  # not the 4 GB of CLIP-H weights
+    try:
+        return CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True),
+                             tokenizer=CLIPTokenizer.from_pretrained(folder, local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise not_found("pickscore", str(folder), source=PROCESSOR_SOURCE, key="backbone",
+                        why=str(err).splitlines()[0]) from err
 
 
 def _projected(output) -> torch.Tensor:
@@ -46,9 +61,10 @@ class PickScoreScorer:
 
     @classmethod
     def load(cls, *, weights: str | None = None, backbone: str | None = None, device: str = "cpu") -> "PickScoreScorer":
-        from transformers import AutoProcessor, CLIPModel
+        from transformers import CLIPModel
 
         folder = resolve_folder(weights, scorer="pickscore", source=SOURCE)
+        processor = load_processor(backbone)  # before the 4 GB of weights, so a missing processor fails fast
         try:
             model, info = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True,
                                                     dtype=torch.float32)
@@ -67,15 +83,6 @@ class PickScoreScorer:
                 f"unexpected keys {unexpected[:3]}, wrong shapes {mismatched[:3]}. Expected {SOURCE}; set "
                 f"evaluate.pickscore.weights to that folder."
             )
-        processor_folder = folder if _has_processor(folder) else resolve_folder(
-            backbone or PUBLISHED_PROCESSOR, scorer="pickscore", source=PROCESSOR_SOURCE, key="backbone",
-            allow_patterns=["*.json", "*.txt"],  # the processor only, not the 4 GB of CLIP-H weights
-        )
-        try:
-            processor = AutoProcessor.from_pretrained(processor_folder, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise not_found("pickscore", str(processor_folder), source=PROCESSOR_SOURCE, key="backbone",
-                            why=str(err).splitlines()[0]) from err
         return cls(model.to(device), processor, device)
 
     @torch.no_grad()
@@ -94,18 +101,19 @@ class PickScoreScorer:
 
 
 def save_tiny_pickscore(out_dir: Path) -> dict:
-    """A tiny CLIPModel folder (save_pretrained) with CLIP's full 49,408-token vocabulary and its processor files,
-    made offline: the tokenizer from open_clip's BPE file (as pipeline/models/tiny.py does)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    """A tiny CLIPModel folder (save_pretrained) with CLIP's full 49,408-token vocabulary, and beside it, as its
+    backbone, a processor folder like laion's (32 px images), made offline: the tokenizer from open_clip's BPE file
+    (as pipeline/models/tiny.py does)."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     from pipeline.models.tiny import BOS_TOKEN, EOS_TOKEN, VOCAB_SIZE, write_clip_vocab
 
-    folder = out_dir / "PickScore_v1_tiny"
-    write_clip_vocab(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS, pad_token=EOS_TOKEN)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    (folder / "tokenizer.json").unlink(missing_ok=True)  # 3.6 MB; vocab.json + merges.txt rebuild it exactly
+    folder, processor_folder = out_dir / "PickScore_v1_tiny", out_dir / "CLIP-ViT-H-14-laion2B-s32B-b79K_tiny"
+    write_clip_vocab(processor_folder)
+    tokenizer = CLIPTokenizer.from_pretrained(processor_folder, model_max_length=MAX_TOKENS, pad_token=EOS_TOKEN)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(processor_folder)
+    (processor_folder / "tokenizer.json").unlink(missing_ok=True)  # 3.6 MB; vocab.json + merges.txt rebuild it
     vocab = tokenizer.get_vocab()
     config = CLIPConfig(
         text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -116,4 +124,4 @@ def save_tiny_pickscore(out_dir: Path) -> dict:
         projection_dim=16,
     )
     seeded(lambda: CLIPModel(config), seed=5).save_pretrained(folder)
-    return {"weights": str(folder), "backbone": None, "arch": None}
+    return {"weights": str(folder), "backbone": str(processor_folder), "arch": None}

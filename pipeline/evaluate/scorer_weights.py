@@ -78,11 +78,24 @@ def read_torch_file(path: Path, *, scorer: str, source: str, key: str = "weights
     """torch.load without executing pickled code (published checkpoints hold only tensors, dicts and numbers)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # unpickling, zip and EOF errors alike: the file is not what it should be
         raise ValueError(
-            f"{scorer} scorer: {path} is not a readable PyTorch weights file ({err}). Expected {source}; "
-            f"set evaluate.{scorer}.{key} to that file."
+            f"{scorer} scorer: {path} is not a readable PyTorch weights file: {unreadable_reason(path, err)}. "
+            f"Expected {source}; download it again and set evaluate.{scorer}.{key} to that file."
         ) from err
+
+
+def unreadable_reason(path: Path, err: Exception) -> str:
+    """Why torch.load failed, in the user's terms where the file's first bytes tell (torch's own message is about
+    its unpickler, and suggests weights_only=False, which would run code from a file that is not the weights)."""
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the file (the repo was cloned without git lfs)"
+    if head.lstrip().startswith((b"<", b"{")):
+        return "it is HTML or JSON text, not the weights (e.g. a download that saved an error or login page)"
+    first_line = (str(err).splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {first_line} (a truncated or corrupt download?)"
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], got: Any, *, scorer: str, path: Path | str, source: str,

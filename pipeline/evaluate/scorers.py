@@ -5,14 +5,19 @@
 
 What the three config fields (evaluate.<name>.weights / backbone / arch) mean for each scorer:
 
-- clip: weights = an open_clip pretrained tag or a local weights file; arch = an open_clip model name, or "tiny"
-  (the project's tiny OpenCLIP, pipeline/models/clip.py).
-- pickscore: weights = a CLIPModel folder or hub id; backbone = the processor's folder or hub id, used when the
-  weights folder has no processor files (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+- clip: weights = an open_clip pretrained tag, a local open_clip weights file, or "random" (seeded random weights,
+  said explicitly: unset is an error); arch = an open_clip model name, or "tiny" (the project's tiny OpenCLIP,
+  pipeline/models/clip.py).
+- pickscore: weights = a CLIPModel folder or hub id; backbone = the processor's folder or hub id (default
+  laion/CLIP-ViT-H-14-laion2B-s32B-b79K, as published); processor files beside the weights are ignored.
 - hpsv2: weights = the HPS checkpoint file or owner/repo/file; arch = the open_clip model (default ViT-H-14).
 - aesthetic: weights = the MLP head .pth or owner/repo/file; backbone = the CLIP's open_clip tag or weights file
-  (default "openai"); arch = the CLIP's open_clip model (default ViT-L-14).
+  (default "openai"); arch = the CLIP's open_clip model (default ViT-L-14-quickgelu, OpenAI's architecture); an
+  arch other than the published one needs its backbone named.
 - imagereward: see pipeline/evaluate/imagereward.py. style: no weights (the toy world's hand-made scorer).
+
+Every open_clip model is built with the activation its weights were trained with (pipeline.models.clip.
+open_clip_build): QuickGELU for OpenAI's tags, which open_clip's plain names (ViT-L-14) would build with GELU.
 
 Reward models need their weights named (None is an error that says where they come from); a hub id is fetched by
 huggingface_hub, or found in its cache when offline. ``save_tiny_twin(name, dir)`` writes a random-weight twin of
@@ -32,11 +37,13 @@ from PIL import Image
 from pipeline.data.toy import STYLES, classify_style, target_style_score
 from pipeline.evaluate.names import SCORER_NAMES
 from pipeline.evaluate.scorer_weights import WeightsNotFound, check_state_dict, not_found
-from pipeline.models.clip import TINY_NAME, ClipEmbedder, _register_tiny
+from pipeline.models.clip import RANDOM, SCHEMA_PREFIXES, TINY_NAME, ClipEmbedder, _register_tiny
 
 __all__ = ["Scorer", "WeightsNotFound", "build_scorer", "save_tiny_twin", "ClipScorer", "StyleScorer"]
 
 OPEN_CLIP_SOURCE = "an open_clip pretrained tag of the model (open_clip.list_pretrained()) or a local weights file"
+CLIP_SCORER_SOURCE = (f"{OPEN_CLIP_SOURCE} (an open_clip-format state dict), or {RANDOM!r} for seeded random weights "
+                      f"(tests only: the scores then mean nothing)")
 TWIN_SEED = 1  # twins differ from ClipEmbedder's tiny model (seed 0), so a twin's file is really what gets loaded
 
 
@@ -112,27 +119,45 @@ def check_batch(name: str, images: list, prompts: list) -> None:
 
 
 def load_open_clip(scorer: str, arch: str, pretrained: str | None, *, device: str, key: str,
-                   source: str = OPEN_CLIP_SOURCE) -> ClipEmbedder:
-    """ClipEmbedder(arch, pretrained) with the scorers' errors: a tag that cannot be fetched or a missing file is
-    WeightsNotFound, a file whose state dict does not fit ``arch`` a ValueError listing keys."""
-    import open_clip
+                   source: str = OPEN_CLIP_SOURCE, random_ok: bool = False) -> ClipEmbedder:
+    """ClipEmbedder(arch, pretrained) with the scorers' errors, naming evaluate.<scorer>.<key>: weights not given,
+    a tag that cannot be fetched or a missing file is WeightsNotFound; a file whose state dict does not fit ``arch``
+    a ValueError listing keys; anything else ClipEmbedder refuses (a TorchScript file, an unknown model) a
+    ValueError with its reason. "random" is accepted only where ``random_ok`` (never for a reward model's backbone)."""
     import open_clip.factory
 
-    is_tag = bool(pretrained) and arch != TINY_NAME and pretrained in open_clip.list_pretrained_tags_by_model(arch)
-    if pretrained and not is_tag and not Path(pretrained).expanduser().is_file():
-        raise not_found(scorer, pretrained, source=source, key=key,
-                        why=f"neither a file nor a pretrained tag of {arch}")
+    where = f"evaluate.{scorer}.{key}"
+    schema = arch.startswith(SCHEMA_PREFIXES)  # "hf-hub:org/repo": the weights come with the name
+    if not pretrained and not schema:
+        raise not_found(scorer, pretrained, source=source, key=key)
+    if pretrained == RANDOM and not random_ok:
+        raise ValueError(f"{scorer} scorer: {where}={RANDOM!r} would score with a random CLIP; give {source}")
+    is_file = bool(pretrained) and pretrained != RANDOM and not schema and not is_open_clip_tag(arch, pretrained)
+    if is_file:
+        if not Path(pretrained).expanduser().is_file():
+            raise not_found(scorer, pretrained, source=source, key=key,
+                            why=f"neither a file nor a pretrained tag of {arch}")
+        pretrained = str(Path(pretrained).expanduser())
     try:
-        return ClipEmbedder(arch, str(Path(pretrained).expanduser()) if pretrained and not is_tag else pretrained,
-                            device=device)
+        return ClipEmbedder(arch, pretrained, device=device)
+    except ValueError as err:  # ClipEmbedder's own refusal says what is wrong and what to give
+        raise ValueError(f"{scorer} scorer (evaluate.{scorer}.arch={arch!r}, {where}={pretrained!r}): {err}. "
+                         f"Expected {source}.") from err
     except RuntimeError as err:
-        if is_tag:  # open_clip could not download (or find in its cache) the tag's file
+        if not is_file:  # open_clip could not download (or find in its cache) the tag's file
             raise not_found(scorer, pretrained, source=source, key=key, why=str(err)) from err
-        if pretrained and "state_dict" in str(err):
-            expected = ClipEmbedder(arch, None, device="cpu").model.state_dict()
+        if "state_dict" in str(err):
+            expected = ClipEmbedder(arch, RANDOM, device="cpu").model.state_dict()
             got = open_clip.factory.load_state_dict(pretrained)  # open_clip's own reading ('state_dict', 'module.')
             check_state_dict(expected, got, scorer=scorer, path=pretrained, source=source, key=key, arch=arch)
         raise
+
+
+def is_open_clip_tag(arch: str, pretrained: str) -> bool:
+    """``pretrained`` is one of open_clip's pretrained tags of ``arch`` (the tiny model has none)."""
+    import open_clip
+
+    return arch != TINY_NAME and open_clip.is_pretrained_cfg(arch, pretrained)
 
 
 def save_tiny_open_clip(path: Path, seed: int = TWIN_SEED) -> Path:
@@ -167,7 +192,15 @@ class ClipScorer:
 
     @classmethod
     def load(cls, *, weights: str | None = None, arch: str | None = None, device: str = "cpu") -> "ClipScorer":
-        return cls(load_open_clip("clip", arch or TINY_NAME, weights, device=device, key="weights"))
+        """``weights``: an open_clip tag of ``arch``, a local weights file, or "random"; never random by default."""
+        arch = arch or TINY_NAME
+        if not weights and not arch.startswith(SCHEMA_PREFIXES):
+            raise WeightsNotFound(
+                f"clip scorer: no CLIP weights named for {arch!r} (evaluate.clip.weights; in a run it defaults to "
+                f"model.clip_pretrained). Give {CLIP_SCORER_SOURCE}, e.g. --set evaluate.clip.weights={RANDOM}"
+            )
+        return cls(load_open_clip("clip", arch, weights, device=device, key="weights", source=CLIP_SCORER_SOURCE,
+                                  random_ok=True))
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
         check_batch(self.name, images, prompts)

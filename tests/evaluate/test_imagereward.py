@@ -184,3 +184,20 @@ def test_published_med_config_gives_the_published_text_encoder(tmp_path):
     (tmp_path / "med_config.json").write_text(json.dumps({**med, "hidden_act": "relu"}))
     with pytest.raises(ValueError, match="hidden_act"):
         load_arch(None, med_config=tmp_path / "med_config.json")
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:4a1b\nsize 1787445451\n", "Git LFS pointer"),
+    (b"<!DOCTYPE html><html>Access denied</html>", "HTML or JSON text"),
+    (None, "truncated or corrupt"),  # the first 300 bytes of the real file format: a download cut short
+])
+def test_an_unreadable_weights_file_names_the_scorer_the_file_and_where_the_real_one_comes_from(
+        content, why, tmp_path, twin):
+    bad = tmp_path / "ImageReward.pt"
+    bad.write_bytes(content if content is not None else Path(twin["weights"]).read_bytes()[:300])
+    with pytest.raises(ValueError) as err:
+        ImageRewardScorer.load(weights=str(tmp_path), backbone=twin["backbone"], arch=twin["arch"])
+    message = str(err.value)
+    for needle in ("imagereward scorer", str(bad), why, "ImageReward.pt", "THUDM/ImageReward",
+                   "evaluate.imagereward.weights", "download it again"):
+        assert needle in message, needle

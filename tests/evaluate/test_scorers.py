@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.data.toy import STYLES, Scene, random_scene, render_scene
 from pipeline.evaluate.scorers import Scorer, WeightsNotFound, build_scorer, save_tiny_twin
+from pipeline.models.clip import ClipEmbedder
 
 REWARD_SCORERS = ("clip", "pickscore", "hpsv2", "aesthetic")
 TEXT_SCORERS = ("clip", "pickscore", "hpsv2")  # aesthetic and style ignore prompts
@@ -78,7 +79,7 @@ def test_twins_are_small_and_their_files_are_what_is_loaded(twins, scorers):
         size = sum(f.stat().st_size for p in paths for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")))
         assert 0 < size < 5e6, (name, size)
     # The clip twin's file differs from the tiny model's seeded weights, so its scores do too.
-    default = build_scorer("clip", arch="tiny")
+    default = build_scorer("clip", weights="random", arch="tiny")
     assert not np.allclose(default.score(_images(), _prompts()), scorers["clip"].score(_images(), _prompts()))
 
 
@@ -219,7 +220,7 @@ def test_a_pickscore_folder_with_missing_tensors_is_refused_not_filled_with_rand
     del tensors["visual_projection.weight"]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"pickscore scorer: .*missing keys \['visual_projection.weight'\]"):
-        build_scorer("pickscore", weights=str(folder))
+        build_scorer("pickscore", weights=str(folder), backbone=twins["pickscore"]["backbone"])
 
 
 def test_an_unknown_scorer_lists_the_known_ones():
@@ -227,3 +228,111 @@ def test_an_unknown_scorer_lists_the_known_ones():
         build_scorer("dreamsim")
     with pytest.raises(ValueError, match="unknown scorer 'dreamsim'"):
         save_tiny_twin("dreamsim", "unused")
+
+
+# ------------------------------------------------------------------------------------------ the real path
+
+
+class _Built(Exception):
+    """Raised by the spy below in place of building (and downloading) a real CLIP."""
+
+
+@pytest.fixture
+def open_clip_calls(monkeypatch) -> list[dict]:
+    """What open_clip is asked to build, recorded instead of building it: real tags without a download."""
+    calls = []
+
+    def spy(model_name, pretrained=None, **kwargs):
+        calls.append({"model_name": model_name, "pretrained": pretrained, **kwargs})
+        raise _Built
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name, options, quick_gelu", [
+    ("aesthetic", {}, True),  # the published backbone: OpenAI's ViT-L/14, tag "openai"
+    ("aesthetic", {"arch": "ViT-L-14"}, True),  # the plain name with the published tag
+    ("clip", {"arch": "ViT-L-14", "weights": "openai"}, True),
+    ("clip", {"arch": "ViT-B-32", "weights": "openai"}, True),
+    ("clip", {"arch": "ViT-H-14", "weights": "laion2b_s32b_b79k"}, False),
+    ("hpsv2", {}, False),  # LAION's ViT-H-14, GELU as HPS was trained
+])
+def test_open_clip_models_get_the_activation_their_weights_were_trained_with(name, options, quick_gelu, twins,
+                                                                             open_clip_calls):
+    weights = {"clip": None, "aesthetic": twins["aesthetic"]["weights"], "hpsv2": twins["hpsv2"]["weights"]}[name]
+    with pytest.raises(_Built):
+        build_scorer(name, **{"weights": weights, **options})
+    assert open_clip_calls[-1].get("force_quick_gelu", False) is quick_gelu
+
+
+def test_an_aesthetic_arch_without_a_backbone_is_refused_not_built_random(twins):
+    with pytest.raises(WeightsNotFound) as caught:
+        build_scorer("aesthetic", weights=twins["aesthetic"]["weights"], arch="tiny")
+    message = str(caught.value)
+    assert "evaluate.aesthetic.arch='tiny'" in message and "evaluate.aesthetic.backbone" in message
+    assert "pretrained tag" in message and "weights file" in message and "'openai'" in message
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize("name", ("aesthetic", "clip"))
+def test_openais_torchscript_clip_file_is_refused_naming_the_scorer_the_file_and_what_to_give(name, twins, tmp_path):
+    archive = tmp_path / "ViT-L-14.pt"  # OpenAI's release is a TorchScript archive, as this scripted module's file
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), archive)
+    key = {"aesthetic": "backbone", "clip": "weights"}[name]
+    with pytest.raises(ValueError) as caught:
+        build_scorer(name, **{**twins[name], key: str(archive)})
+    message = str(caught.value)
+    assert f"{name} scorer" in message and f"evaluate.{name}.{key}" in message and str(archive) in message
+    assert "TorchScript" in message and "open_clip-format state dict" in message and "'openai'" in message
+
+
+def test_random_clip_weights_are_an_explicit_value_never_a_fallback(twins):
+    with pytest.raises(WeightsNotFound) as caught:
+        build_scorer("clip", arch="tiny")
+    message = str(caught.value)
+    assert "clip scorer" in message and "evaluate.clip.weights" in message
+    assert "pretrained tag" in message and "weights file" in message and "'random'" in message
+    scorer = build_scorer("clip", weights="random", arch="tiny")
+    assert scorer.embedder.identity == ClipEmbedder("tiny", "random").identity  # seeded: the same in every process
+    assert scorer.embedder.identity["pretrained"] == "random"
+    # A reward model's backbone is never random, even when asked.
+    with pytest.raises(ValueError, match="aesthetic scorer: evaluate.aesthetic.backbone='random'"):
+        build_scorer("aesthetic", **{**twins["aesthetic"], "backbone": "random"})
+
+
+def test_pickscore_uses_the_backbones_processor_not_files_beside_the_weights(twins, scorers, tmp_path):
+    from transformers import CLIPImageProcessorPil
+
+    folder = tmp_path / "PickScore_v1"
+    shutil.copytree(twins["pickscore"]["weights"], folder)
+    # A complete processor beside the weights that differs from the backbone's: 16 px crops, other statistics.
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(Path(twins["pickscore"]["backbone"]) / name, folder / name)
+    (folder / "preprocessor_config.json").write_text(
+        '{"crop_size": 16, "size": 16, "do_center_crop": true, "do_normalize": true, "do_resize": true, '
+        '"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, '
+        '"feature_extractor_type": "CLIPFeatureExtractor"}')
+    scorer = build_scorer("pickscore", weights=str(folder), backbone=twins["pickscore"]["backbone"])
+    image_processor = scorer.processor.image_processor
+    assert isinstance(image_processor, CLIPImageProcessorPil)  # PIL resizing, as the published code ran
+    assert image_processor.crop_size == {"height": 32, "width": 32} and image_processor.resample == 3  # bicubic
+    expected = scorers["pickscore"].score(_images(), _prompts())  # the twin, whose folder has no processor beside it
+    np.testing.assert_array_equal(scorer.score(_images(), _prompts()), expected)
+
+
+def test_pickscores_processor_defaults_to_the_published_laion_one(twins, monkeypatch):
+    import pipeline.evaluate.scorer_pickscore as pickscore
+
+    asked = []
+
+    def record(spec, **kwargs):  # what is fetched, recorded instead of fetched (the hub may be there or not)
+        asked.append((spec, kwargs.get("key", "weights")))
+        if asked[-1][1] == "backbone":
+            raise _Built
+        return Path(spec)
+
+    monkeypatch.setattr(pickscore, "resolve_folder", record)
+    with pytest.raises(_Built):
+        build_scorer("pickscore", weights=twins["pickscore"]["weights"])
+    assert asked == [(twins["pickscore"]["weights"], "weights"), ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "backbone")]
