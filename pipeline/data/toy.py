@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +279,54 @@ def _as_pil(image: ImageLike) -> Image.Image:
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected a PIL image or an HxWx3 uint8 array, got shape {array.shape} dtype {array.dtype}")
     return Image.fromarray(array)
+
+
+# The toy world's fits (toy base, toy CLIP, the tiny UNet's fit) run at this many CPU threads on every machine:
+# CPU kernels split their sums by thread, so another thread count rounds differently and, over a few thousand
+# steps, ends at other weights (measured: a toy base fit at 1 and at 2 threads differs after 30 steps; two fits at
+# 2 threads are bit-identical). Two is what this project's machines have; more threads would be faster on bigger
+# machines, and fit other weights.
+FIT_THREADS = 2
+
+
+@contextmanager
+def fixed_threads(threads: int = FIT_THREADS) -> Iterator[None]:
+    """Run the block with torch at ``threads`` intra-op threads, restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# The toy world's fitted models shipped with the project (bench/toy_assets.py refits and writes them): every machine
+# starts from the same weights, whatever its CPU rounds like, and the first run skips minutes of fitting.
+ASSETS = Path(__file__).parents[1] / "assets"
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values: equal tensors, equal digest, whichever file
+    format or library version wrote them."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def progress(steps: int, description: str):
+    """A tqdm bar over ``range(steps)`` with steps, rate and time left, for the fits that take minutes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(steps), desc=description, unit="step", mininterval=5.0, dynamic_ncols=True)
 
 
 def resolve_data_source(cfg) -> str:

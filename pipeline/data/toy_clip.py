@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.toy import STYLES, random_scene, render_scene
+from pipeline.data.toy import (ASSETS, FIT_THREADS, STYLES, fixed_threads, progress, random_scene, render_scene,
+                               state_digest)
 
 # Scenes for the fit come from their own seed, never a preference set's (toy worlds use small seeds) nor the
 # base model fit's; held-apart checks use yet another.
@@ -80,7 +81,7 @@ def fit_toy_clip(model, preprocess, tokenizer, settings: ToyClipSettings) -> dic
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=max(1, settings.steps),
                                                    pct_start=0.1)
     losses = []
-    for _ in range(settings.steps):
+    for _ in progress(settings.steps, "[model] toy CLIP fit"):
         index = torch.randperm(len(captions), generator=generator)[: settings.batch]
         # Two different styles per scene: a random first one and a random other one.
         first = torch.randint(0, len(STYLES), (len(index),), generator=generator)
@@ -123,22 +124,43 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return (image_to_text + text_to_image) / 2 + image_to_image
 
 
-def toy_clip_weights(folder: str | Path, settings: ToyClipSettings = ToyClipSettings()) -> Path:
-    """The weights file of the tiny OpenCLIP fitted on the toy world with ``settings``, fitted and saved under
-    ``folder`` the first time (a state dict open_clip loads as ``pretrained=<file>``), with a ``.json`` report."""
+def toy_clip_weights(folder: str | Path, settings: ToyClipSettings = ToyClipSettings(), *,
+                     use_shipped: bool = True) -> Path:
+    """The weights file of the tiny OpenCLIP fitted on the toy world with ``settings`` (a state dict open_clip
+    loads as ``pretrained=<file>``, with a ``.json`` report), put under ``folder`` the first time: the fit shipped
+    with the project for these settings (`ASSETS`) if this machine builds the same random start, else fitted."""
     from pipeline.models.clip import ClipEmbedder
 
     folder = Path(folder)
     weights = folder / f"toy_clip_{settings.tag()}.pt"
     if weights.is_file():
         return weights
-    clip = ClipEmbedder("tiny")  # the seeded random start every process would build
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        report = fit_toy_clip(clip.model, clip.preprocess, clip.tokenizer, settings)
+    clip = ClipEmbedder("tiny", "random")  # the seeded random start every process would build
+    start = state_digest(clip.model.state_dict())
+    shipped = ASSETS / weights.name
+    record = json.loads(shipped.with_suffix(".json").read_text()) if shipped.is_file() and use_shipped else None
+    if record is not None and record["start"] != start:
+        print(f"[model] the shipped toy CLIP was fitted from another random start than this machine builds "
+              f"({record['start'][:12]} vs {start[:12]}): fitting it here instead", flush=True)
+        record = None
+    if record is not None:
+        state = torch.load(shipped, map_location="cpu", weights_only=True)
+        if state_digest(state) != record["weights"]:
+            raise ValueError(f"{shipped}: its weights are not the ones recorded in {shipped.with_suffix('.json')}; "
+                             f"restore it from git, or refit it with bench/toy_assets.py")
+        report = {k: v for k, v in record.items() if k != "settings"}
+        print(f"[model] toy CLIP: the fit shipped in pipeline/assets/{shipped.name}", flush=True)
+    else:
+        print(f"[model] fitting the toy CLIP into {folder} ({settings.steps} steps: about 2 min on 2 CPU cores, once)",
+              flush=True)
+        with torch.random.fork_rng(devices=[]), fixed_threads():
+            torch.manual_seed(settings.seed)
+            report = fit_toy_clip(clip.model, clip.preprocess, clip.tokenizer, settings)
+        state = clip.model.state_dict()
+        report = {**report, "threads": FIT_THREADS, "start": start, "weights": state_digest(state)}
     folder.mkdir(parents=True, exist_ok=True)
     temp = folder / f".{weights.name}.{os.getpid()}.tmp"
-    torch.save(clip.model.state_dict(), temp)
+    torch.save(state, temp)
     os.replace(temp, weights)  # whole or absent: a concurrent or killed fit never leaves half a file
     weights.with_suffix(".json").write_text(json.dumps({"settings": asdict(settings), **report}, indent=2) + "\n")
     return weights

@@ -70,10 +70,19 @@ def fit_unet_to_toy_world(
 
     Returns (and writes to `toy_fit.json` in the folder) what was done: steps, scenes, the first and last losses.
     """
+    from pipeline.data.toy import fixed_threads
+
+    with fixed_threads():  # the same weights on every machine (pipeline.data.toy.FIT_THREADS)
+        return _fit_unet(Path(pipeline_dir), kind=kind, steps=steps, resolution=resolution, scenes=scenes,
+                         batch_size=batch_size, lr=lr, seed=seed)
+
+
+def _fit_unet(folder: Path, *, kind: str, steps: int, resolution: int, scenes: int, batch_size: int, lr: float,
+              seed: int) -> dict:
+    from pipeline.data.toy import progress
     from pipeline.models.loader import load_components
     from pipeline.train.step import unet_mse
 
-    folder = Path(pipeline_dir)
     parts = load_components(str(folder), kind=kind, parts=("unet", "vae", "text", "scheduler"))
     data = toy_training_set(parts, kind=kind, scenes=scenes, resolution=resolution)
     unet, scheduler = parts.unet.train().requires_grad_(True), parts.scheduler
@@ -81,7 +90,7 @@ def fit_unet_to_toy_world(
     generator = torch.Generator().manual_seed(seed)
     count = data["latents"].shape[0]
     losses = []
-    for _ in range(steps):
+    for _ in progress(steps, "[model] tiny UNet toy fit"):
         index = torch.randperm(count, generator=generator)[:batch_size]
         latents = data["latents"][index]
         noise = torch.randn(latents.shape, generator=generator)

@@ -29,6 +29,7 @@ scorer calls most of them flat (88% at guidance 4): not yet a third per style.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.data.toy import ASSETS, FIT_THREADS, fixed_threads, progress, state_digest
 
 # Scenes for the fit come from their own seed, never a preference set's (toy worlds use small seeds), nor the
 # UNet-only fit's (pipeline.models.toy_fit uses 1_000_003).
@@ -203,7 +206,7 @@ def fit_vae(vae, images: torch.Tensor, settings: ToyBaseSettings, generator: tor
                                                    pct_start=0.1)
     size, crop = images.shape[-1], settings.vae_crop
     history = []
-    for _ in range(settings.vae_steps):
+    for _ in progress(settings.vae_steps, "[model] toy base: VAE fit"):
         index = torch.randint(0, len(images), (settings.vae_batch,), generator=generator)
         top, left = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=generator))
         # Crops on the latent grid (multiples of 8): the decoder then always sees whole latent cells.
@@ -242,7 +245,7 @@ def fit_unet(unet, scheduler, latents, prompt_embeds, pooled, time_ids, empty, s
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, settings.unet_steps))
     empty_embeds, empty_pooled = empty
     history = []
-    for _ in range(settings.unet_steps):
+    for _ in progress(settings.unet_steps, "[model] toy base: UNet fit"):
         index = torch.randint(0, len(latents), (settings.unet_batch,), generator=generator)
         drop = torch.rand(len(index), generator=generator) < settings.uncond_prob
         embeds = torch.where(drop[:, None, None], empty_embeds, prompt_embeds[index])
@@ -276,10 +279,13 @@ def unconditional_embeddings(parts, *, kind: str) -> tuple[torch.Tensor, torch.T
 # ------------------------------------------------------------------------------------------------ the fit
 
 
-def build_toy_base(folder: str | Path, settings: ToyBaseSettings = ToyBaseSettings()) -> str:
+def build_toy_base(folder: str | Path, settings: ToyBaseSettings = ToyBaseSettings(), *,
+                   use_shipped: bool = True) -> str:
     """The toy base pipeline folder (a tiny SDXL pipeline with the toy VAE, both fitted), built in `folder` unless
     its `toy_base.json` says it was built with `settings` already; returns the folder's path.
 
+    With `use_shipped`, a fit shipped with the project for these settings (`shipped_toy_base`) is put in place of
+    fitting, if this machine builds the same tiny text encoders it was fitted with; otherwise it is fitted here.
     Built in a sibling folder and renamed into place, so a crash never leaves a half-fitted model; a folder
     fitted with other settings is replaced."""
     from pipeline.models.tiny import build_tiny_sdxl
@@ -291,17 +297,67 @@ def build_toy_base(folder: str | Path, settings: ToyBaseSettings = ToyBaseSettin
         raise FileExistsError(f"{folder} is not empty and is not a toy base: choose another folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = folder.parent / f".{folder.name}.building-{uuid.uuid4().hex}"
-    print(f"[model] fitting the toy base into {folder} (its VAE, then its UNet: about 4-5 min on 2 CPU cores, once)",
-          flush=True)
     try:
         build_tiny_sdxl(building, toy_fit_steps=0, toy_fit_resolution=settings.resolution)
-        report = fit_toy_base(building, kind="sdxl", settings=settings)
-        print(f"[model] toy base fitted in {report['seconds']['total']:.0f} s", flush=True)
+        shipped = shipped_toy_base(settings) if use_shipped else None
+        if shipped is not None and install_shipped(shipped, building):
+            print(f"[model] toy base: the fit shipped in {shipped.relative_to(ASSETS.parent.parent)} "
+                  f"(bench/toy_assets.py refits it), into {folder}", flush=True)
+        else:
+            print(f"[model] fitting the toy base into {folder} (its VAE, then its UNet: about 5 min on 2 CPU "
+                  f"cores, once)", flush=True)
+            report = fit_toy_base(building, kind="sdxl", settings=settings)
+            print(f"[model] toy base fitted in {report['seconds']['total']:.0f} s", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(building, folder)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return str(folder)
+
+
+def shipped_toy_base(settings: ToyBaseSettings) -> Path | None:
+    """The shipped fit for `settings` (pipeline/assets/toy_base_<tag>: its UNet, VAE and toy_base.json), or None."""
+    folder = ASSETS / f"toy_base_{settings.tag()}"
+    return folder if _built_with(folder) == _as_json(asdict(settings)) else None
+
+
+def install_shipped(shipped: Path, pipeline_dir: Path) -> bool:
+    """Put the shipped UNet and VAE into the fresh tiny pipeline `pipeline_dir`, if its text encoders are the ones
+    they were fitted with (same seeded weights); False, with a line saying why, if not. A shipped file whose weights
+    are not the recorded ones is an error (a damaged checkout)."""
+    record = json.loads((shipped / "toy_base.json").read_text())
+    here = text_encoder_digest(pipeline_dir)
+    if here != record["text_encoders"]:
+        print(f"[model] the shipped toy base was fitted with other tiny text encoders than this machine builds "
+              f"({record['text_encoders'][:12]} vs {here[:12]}): fitting it here instead", flush=True)
+        return False
+    for part in ("unet", "vae"):
+        found = weights_digest(shipped / part)
+        if found != record["weights"][part]:
+            raise ValueError(f"{shipped / part}: its weights' sha256 {found[:16]} is not the recorded "
+                             f"{record['weights'][part][:16]} ({shipped / 'toy_base.json'}); restore the folder from "
+                             f"git, or refit it with bench/toy_assets.py")
+        shutil.rmtree(pipeline_dir / part)
+        shutil.copytree(shipped / part, pipeline_dir / part)
+    _set_prediction_type(pipeline_dir, record["settings"]["prediction_type"])
+    shutil.copyfile(shipped / "toy_base.json", pipeline_dir / "toy_base.json")
+    return True
+
+
+def weights_digest(component_dir: Path) -> str:
+    """`state_digest` of a diffusers / transformers component folder's safetensors weights."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(component_dir.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state_digest(state)
+
+
+def text_encoder_digest(pipeline_dir: Path) -> str:
+    """One digest of both tiny text encoders: what the UNet's fit conditioned on."""
+    return hashlib.sha256("".join(weights_digest(Path(pipeline_dir) / name)
+                                  for name in ("text_encoder", "text_encoder_2")).encode()).hexdigest()
 
 
 def fit_toy_base(pipeline_dir: str | Path, *, kind: str, settings: ToyBaseSettings) -> dict:
@@ -315,7 +371,8 @@ def fit_toy_base(pipeline_dir: str | Path, *, kind: str, settings: ToyBaseSettin
 
     folder = Path(pipeline_dir)
     generator = torch.Generator().manual_seed(settings.seed)
-    with torch.random.fork_rng(devices=[]):
+    # fixed_threads: the same weights on every machine of this kind (pipeline.data.toy.FIT_THREADS)
+    with torch.random.fork_rng(devices=[]), fixed_threads():
         torch.manual_seed(settings.seed)  # the VAE's initial weights
         _set_prediction_type(folder, settings.prediction_type)
         parts = load_components(str(folder), kind=kind, parts=("unet", "text", "scheduler"))
@@ -339,7 +396,9 @@ def fit_toy_base(pipeline_dir: str | Path, *, kind: str, settings: ToyBaseSettin
     parts.unet.save_pretrained(folder / "unet")
     report = {
         "settings": asdict(settings), "images": len(images), "vae": vae_report, "unet": unet_report,
-        "vae_scaling_factor": vae.config.scaling_factor, "threads": torch.get_num_threads(),
+        "vae_scaling_factor": vae.config.scaling_factor, "threads": FIT_THREADS,
+        "text_encoders": text_encoder_digest(folder),
+        "weights": {"unet": weights_digest(folder / "unet"), "vae": weights_digest(folder / "vae")},
         "seconds": {"vae": round(vae_seconds, 1), "total": round(time.perf_counter() - started, 1)},
     }
     (folder / "toy_base.json").write_text(json.dumps(report, indent=2) + "\n")

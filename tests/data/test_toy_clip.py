@@ -1,3 +1,5 @@
+import json
+
 import torch
 import torch.nn.functional as F
 
@@ -19,3 +21,14 @@ def test_renders_are_seeded_and_one_per_style():
     b, rb = toy_scene_renders(scenes=2, resolution=32, seed=5)
     assert a == b and len(ra[0]) == 3 and ra[0][1].tobytes() == rb[0][1].tobytes()
     assert ToyClipSettings().tag() != ToyClipSettings(steps=1).tag()
+
+
+def test_the_default_toy_clip_is_the_shipped_fit(tmp_path, capsys):
+    from pipeline.data.toy import ASSETS, state_digest
+    from pipeline.data.toy_clip import toy_clip_weights
+
+    weights = toy_clip_weights(tmp_path)
+    assert "the fit shipped in pipeline/assets/" in capsys.readouterr().out
+    record = json.loads((ASSETS / weights.name).with_suffix(".json").read_text())
+    assert state_digest(torch.load(weights, weights_only=True)) == record["weights"]
+    assert toy_clip_weights(tmp_path) == weights  # cached: the second call reads nothing new

@@ -1,6 +1,12 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.toy import FIT_THREADS
 from pipeline.precompute.stages import vae_input
 from pipeline.train.toy_base import (
     ToyBaseSettings,
@@ -56,3 +62,54 @@ def test_build_toy_base_writes_a_diffusers_pipeline_once(tmp_path):
                  guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
     assert build_toy_base(tmp_path / "base", settings) == folder and marker.stat().st_mtime_ns == written
+
+
+def test_the_fit_is_the_same_whatever_threads_the_process_runs(tmp_path):
+    """The fit runs at FIT_THREADS whatever torch was set to: at 1 and 2 threads it gave other weights before."""
+    from pipeline.train.toy_base import weights_digest
+
+    settings = ToyBaseSettings(scenes=4, vae_steps=6, vae_batch=4, unet_steps=6, unet_batch=4)
+    before = torch.get_num_threads()
+    digests = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            folder = build_toy_base(tmp_path / f"threads{threads}", settings, use_shipped=False)
+            assert torch.get_num_threads() == threads  # restored after the fit
+            digests.append((weights_digest(tmp_path / f"threads{threads}" / "vae"),
+                            weights_digest(tmp_path / f"threads{threads}" / "unet")))
+    finally:
+        torch.set_num_threads(before)
+    assert digests[0] == digests[1]
+    record = json.loads((Path(folder) / "toy_base.json").read_text())
+    assert record["threads"] == FIT_THREADS and record["weights"]["unet"] == digests[1][1]
+
+
+def test_the_default_toy_base_is_the_shipped_fit_checked_weight_for_weight(tmp_path, capsys):
+    from pipeline.train.toy_base import shipped_toy_base, weights_digest
+
+    shipped = shipped_toy_base(ToyBaseSettings())
+    assert shipped is not None, "pipeline/assets has no toy base for the default settings: run bench/toy_assets.py --write"
+    folder = Path(build_toy_base(tmp_path / "base"))
+    assert "the fit shipped in pipeline/assets/" in capsys.readouterr().out
+    record = json.loads((shipped / "toy_base.json").read_text())
+    assert weights_digest(folder / "unet") == record["weights"]["unet"]
+    assert weights_digest(folder / "vae") == record["weights"]["vae"]
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    # A damaged shipped file is refused, never used
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shipped, damaged)
+    from safetensors.torch import load_file, save_file
+
+    weights = damaged / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = sorted(state)[0]
+    state[name] = state[name] + 1
+    save_file(state, weights)
+    from pipeline.models.tiny import build_tiny_sdxl
+    from pipeline.train.toy_base import install_shipped
+
+    fresh = build_tiny_sdxl(tmp_path / "fresh")
+    with pytest.raises(ValueError, match="restore the folder from git"):
+        install_shipped(damaged, fresh)
