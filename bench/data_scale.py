@@ -130,7 +130,7 @@ def one_size(n_pairs: int, resolution: int, workdir: Path) -> dict:
     start_ray()
     table = synthetic_table(workdir / f"table-{n_pairs}", n_pairs, resolution=resolution)
     cfg = load_config(None, [
-        f"cluster.storage_path={workdir}", "model.pretrained=tiny", "model.tiny_fit_steps=0", f"data.source={table}",
+        f"cluster.storage_path={workdir}", "model.pretrained=tiny", "model.clip_pretrained=random", "model.tiny_fit_steps=0", f"data.source={table}",
         f"precompute.store={workdir}/store-{n_pairs}", f"precompute.resolution={resolution}",
         "precompute.batch_size=64", "precompute.rows_per_shard=512", "data.holdout_fraction=0.0",
     ])

@@ -44,7 +44,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     seeds = list(range(args.seeds))
     base = [
-        f"cluster.storage_path={work}", "model.pretrained=tiny", "model.tiny_fit_steps=0",
+        f"cluster.storage_path={work}", "model.pretrained=tiny", "model.clip_pretrained=random", "model.tiny_fit_steps=0",
         f"precompute.resolution={args.resolution}",
         f"generate.num_prompts={args.prompts}", f"generate.seeds={seeds}", f"generate.num_inference_steps={args.steps}",
     ]

@@ -67,7 +67,7 @@ def trainer_config(storage: Path, name: str, *, use_gpu: bool, store: str | None
         f"name={name}",
         f"cluster.storage_path={storage}",
         *([f"precompute.store={store}"] if store else []),
-        "model.pretrained=tiny", "model.tiny_fit_steps=0",  # mechanics, not learning: random weights
+        "model.pretrained=tiny", "model.clip_pretrained=random", "model.tiny_fit_steps=0",  # mechanics, not learning: random weights
         "data.toy_pairs=40", "data.toy_resolution=32", "precompute.resolution=32", "data.holdout_fraction=0.2",
         "precompute.actor_num_cpus=0.5",
         "train.num_workers=1", f"train.use_gpu={'true' if use_gpu else 'false'}",

@@ -46,7 +46,7 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     folder = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
-    base = [f"cluster.storage_path={folder}", "model.pretrained=tiny", f"data.toy_pairs={large}",
+    base = [f"cluster.storage_path={folder}", "model.pretrained=tiny", "model.clip_pretrained=random", f"data.toy_pairs={large}",
             "data.toy_resolution=64", "precompute.resolution=64", "precompute.actor_num_cpus=0.5"]
     # The tiny model and the toy world are built once, outside the timings.
     resolve_model_path(load_config(None, base))

@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "toy" / "toy_clip.json")
     args = parser.parse_args()
     settings = ToyClipSettings(**json.loads(args.settings))
-    clip = ClipEmbedder("tiny")  # the seeded random start every process builds
+    clip = ClipEmbedder("tiny", "random")  # the seeded random start every process builds
     random_start = structure(clip)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):

@@ -105,7 +105,7 @@ def bench_config(args: argparse.Namespace, *overrides: str):
     return load_config(None, [
         f"name={run_name(args)}",
         f"cluster.storage_path={WORK}",
-        "model.pretrained=tiny", "model.tiny_fit_steps=0",  # timing only: random weights do the same work
+        "model.pretrained=tiny", "model.clip_pretrained=random", "model.tiny_fit_steps=0",  # timing only: random weights do the same work
         f"data.toy_pairs={4 * args.batch + 4}",
         f"data.toy_resolution={args.resolution}",
         "data.holdout_fraction=0.0",  # every pair in the train split
@@ -382,12 +382,13 @@ class InLoopEncoder:
     def __init__(self, cfg, model_path: str, kind: str, device: torch.device):
         from pipeline.models.clip import ClipEmbedder
         from pipeline.models.loader import load_components
+        from pipeline.models.resolve import resolve_clip_pretrained
 
         parts = load_components(model_path, kind=kind, parts=("vae", "text"), device=device)
         self.vae = parts.vae.requires_grad_(False)
         self.text_encoders = [encoder.requires_grad_(False) for encoder in parts.text_encoders]
         self.tokenizers = parts.tokenizers
-        self.clip = ClipEmbedder(cfg.model.clip_model, cfg.model.clip_pretrained, device=str(device))
+        self.clip = ClipEmbedder(cfg.model.clip_model, resolve_clip_pretrained(cfg), device=str(device))
         self.cfg, self.kind, self.device = cfg, kind, device
 
     @torch.no_grad()
@@ -816,7 +817,9 @@ def main() -> None:
         goal("RPO step / DPO step", one["step_rpo"] / one["step_dpo"], GOAL_RPO_OVER_DPO),
         goal("RPO step / bare UNet work", one["step_rpo"] / one["bare_unet_work"], GOAL_STEP_OVER_UNET),
     ]
-    if two:
+    # The 2 workers run on the CPU with gloo (one GPU cannot hold two NCCL ranks): their gather time is a share of
+    # a CPU step only; against a GPU step it would measure nothing.
+    if two and args.device == "cpu":
         goals.append(goal("gather share: (global - local RPO loss) / step",
                           (two[2][0]["rpo_loss_global"] - two[2][0]["rpo_loss_local"]) / one["step_rpo"],
                           GOAL_GATHER_SHARE))

@@ -56,11 +56,14 @@ class ModelConfig:
     # denoises its world; 0 keeps random weights (fast tests of the mechanics; preference training then cannot
     # learn, see pipeline/models/toy_fit.py).
     tiny_fit_steps: int = 400
-    # OpenCLIP model for the similarity weights: "tiny" (random weights, offline) or an open_clip model name.
+    # OpenCLIP model for the similarity weights (and the clip scorer's default): "tiny" (the project's tiny OpenCLIP,
+    # offline) or an open_clip model name (ViT-H-14).
     clip_model: str = "tiny"
-    # An open_clip tag or a local weights file; "toy" (with clip_model "tiny"): the tiny CLIP fitted on the toy world
-    # (pipeline/data/toy_clip.py), so RPO's similarity weights mean scene likeness as a real CLIP's do.
-    clip_pretrained: str | None = None
+    # Its weights: an open_clip pretrained tag (laion2b_s32b_b79k, openai) or a local weights file; "toy" (with
+    # clip_model "tiny"): the tiny CLIP fitted on the toy world (pipeline/data/toy_clip.py; shipped with the project),
+    # so RPO's similarity weights mean scene likeness as a real CLIP's do; "random": seeded random weights, for tests
+    # of the mechanics only. Never random by default: a CLIP without weights is an error.
+    clip_pretrained: str = "toy"
 
 
 @dataclass
@@ -178,8 +181,8 @@ class ScorerConfig:
     # The published weights of a reward model: a local file or folder, or a hub id (README "Scorers" says where
     # each comes from). None for clip = model.clip_model / model.clip_pretrained.
     weights: str | None = None
-    # Weights of the scorer's backbone where they ship apart from its head (aesthetic: OpenAI CLIP ViT-L/14;
-    # imagereward: the BERT tokenizer folder); None = the published default.
+    # What ships apart from the scorer's head (aesthetic: OpenAI CLIP ViT-L/14; pickscore: the processor, laion
+    # CLIP-ViT-H-14's; imagereward: the BERT tokenizer folder); None = the published default.
     backbone: str | None = None
     # The architecture: None = the published one; tests name a tiny twin's config here.
     arch: str | None = None
@@ -202,6 +205,9 @@ class EvaluateConfig:
     actor_num_gpus: float = 0.0
     confidence_level: float = 0.95  # of the bootstrap intervals
     bootstrap_resamples: int = 2000
+    # Scorer -> the smallest difference a paired win counts (closer pairs are ties); unnamed scorers keep the
+    # defaults of pipeline/evaluate/names.py TIE_MARGINS (about 1% of each scorer's spread).
+    tie_margins: dict[str, float] = field(default_factory=dict)
     grid_prompts: int = 8  # prompts shown as base-vs-aligned image grids in the report
 
 
@@ -385,7 +391,10 @@ def validate(cfg: AlignConfig) -> None:
                           "SDXL-shaped); set model.pretrained=tiny for a tiny SD1.5, or model.kind=auto")
     if cfg.model.clip_pretrained == "toy" and cfg.model.clip_model != "tiny":
         raise ConfigError(f"config key 'model.clip_pretrained': 'toy' is the toy world's fit of the tiny CLIP; set "
-                          f"model.clip_model=tiny (now {cfg.model.clip_model!r}) or another clip_pretrained")
+                          f"model.clip_model=tiny (now {cfg.model.clip_model!r}) or name its weights (an open_clip "
+                          f"tag such as laion2b_s32b_b79k, or a weights file)")
+    need(bool(cfg.model.clip_pretrained), "model.clip_pretrained", cfg.model.clip_pretrained,
+         "an open_clip tag, a weights file, 'toy' (the tiny CLIP fitted on the toy world) or 'random'")
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1")
     need(t.batch_size_per_worker >= 1, "train.batch_size_per_worker", t.batch_size_per_worker, "an integer >= 1")
@@ -448,6 +457,16 @@ def validate(cfg: AlignConfig) -> None:
     need(e.actor_num_gpus >= 0, "evaluate.actor_num_gpus", e.actor_num_gpus, ">= 0")
     need(0.5 <= e.confidence_level < 1.0, "evaluate.confidence_level", e.confidence_level, "0.5 <= x < 1")
     need(e.bootstrap_resamples >= 100, "evaluate.bootstrap_resamples", e.bootstrap_resamples, "an integer >= 100")
+    if "style" in e.scorers and not is_toy_world(cfg):
+        raise ConfigError(
+            f"config key 'evaluate.scorers': 'style' is the toy world's style scorer, and this run is not the toy world "
+            f"(data.source={cfg.data.source!r}, model.pretrained={cfg.model.pretrained!r}): its scores would mean "
+            f"nothing. Name real scorers, e.g. --set evaluate.scorers='[pickscore, hpsv2, clip]' with their weights "
+            f"(evaluate.<scorer>.weights; README 'Scorers')")
+    for name, margin in e.tie_margins.items():
+        need(name in SCORER_NAMES, f"evaluate.tie_margins.{name}", name, f"one of {list(SCORER_NAMES)}")
+        need(isinstance(margin, (int, float)) and not isinstance(margin, bool) and margin >= 0,
+             f"evaluate.tie_margins.{name}", margin, "a number >= 0")
     need(e.grid_prompts >= 0, "evaluate.grid_prompts", e.grid_prompts, "an integer >= 0")
     need(cfg.tune.num_samples >= 1, "tune.num_samples", cfg.tune.num_samples, "an integer >= 1")
     need(bool(cfg.tune.name) and "/" not in cfg.tune.name, "tune.name", cfg.tune.name, "a non-empty name without '/'")
@@ -465,6 +484,19 @@ def validate(cfg: AlignConfig) -> None:
             "config keys 'train.init_unet' and 'train.mode': a LoRA run adapts the base pipeline's UNet; "
             "set train.mode=full to continue from another UNet, or unset train.init_unet"
         )
+
+
+# Files the toy-world models carry (pipeline/train/toy_base.py, pipeline/models/toy_fit.py): a local pipeline folder
+# with one of them is a toy model, whose images the style scorer can judge.
+TOY_MODEL_MARKERS = ("toy_base.json", "toy_fit.json")
+
+
+def is_toy_world(cfg: AlignConfig) -> bool:
+    """Whether the run's data or model is the toy world's (the style scorer means something only there)."""
+    if cfg.data.source == "toy" or cfg.model.pretrained in ("toy", "tiny"):
+        return True
+    folder = Path(cfg.model.pretrained).expanduser()
+    return any((folder / marker).is_file() for marker in TOY_MODEL_MARKERS)
 
 
 def _lookup(cfg: Any, dotted: str) -> Any:

@@ -19,8 +19,10 @@ that it still holds the lock and that the index still names the version it start
 Locally the lock is created with ``O_CREAT | O_EXCL``, which exactly one process wins. pyarrow's object-store
 filesystems offer no create-if-absent write, so there the lock is write-then-read-back (the last writer wins and
 the others see a foreign token and refuse): a narrow race between two runs starting within the same second
-remains, which the schedule closes (``concurrencyPolicy: Forbid`` and a deterministic submission id per slot,
-see cluster/README.md). A lock older than ``stale_after_s`` is taken to be a crashed run's and broken.
+remains. The schedule narrows it only for a doubled trigger of one slot (a deterministic submission id per slot,
+cluster/README.md); `concurrencyPolicy: Forbid` does not (its Job ends seconds after submitting), and manual runs
+are not covered: this lock is the only overlap guard. A lock older than ``stale_after_s`` is a crashed run's and is
+broken.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ def test_yaml_then_overrides(tmp_path):
         ("train.zero_stage=0", "config key 'train.zero_stage': 0 is not one of ['auto', 1, 2, 3]"),
         ("train.precision=bf16", "needs GPUs"),
         ("tune.search_space={loss.betta: [1]}", "unknown config key 'loss.betta'"),
+        ("evaluate.tie_margins={stlye: 0.1}", "config key 'evaluate.tie_margins.stlye'"),
+        ("evaluate.tie_margins={style: -1}", "config key 'evaluate.tie_margins.style': -1 is not allowed"),
+        ("model.clip_pretrained=", "config key 'model.clip_pretrained'"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_accepted(override, message):
@@ -69,6 +72,38 @@ def test_missing_or_bad_yaml_file(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(bad)
+
+
+def test_the_toy_style_scorer_is_refused_outside_the_toy_world(tmp_path):
+    hub = ["model.pretrained=stabilityai/stable-diffusion-xl-base-1.0", "data.source=s3://bucket/pickapic"]
+    with pytest.raises(ConfigError, match="'style' is the toy world's style scorer"):
+        load_config(None, hub)  # the default scorers are [style, clip]
+    load_config(None, [*hub, "evaluate.scorers=[clip]", "realign.gate_scorer=clip"])
+    load_config(None, ["model.pretrained=tiny", "data.source=/data/toy-shards"])  # a toy model: style judges it
+    toy_folder = tmp_path / "toy_base"
+    toy_folder.mkdir()
+    (toy_folder / "toy_base.json").write_text("{}")
+    load_config(None, [f"model.pretrained={toy_folder}", "data.source=/data/toy-shards"])
+
+
+def test_the_embedded_default_uses_the_fitted_toy_clip_and_random_is_explicit():
+    assert load_config(None).model.clip_pretrained == "toy"
+    assert load_config(None, ["model.clip_pretrained=random"]).model.clip_pretrained == "random"
+    with pytest.raises(ConfigError, match="'toy' is the toy world's fit"):
+        load_config(None, ["model.clip_model=ViT-H-14"])
+
+
+def test_production_configs_evaluate_with_gpu_actors_and_the_published_scorers():
+    from pathlib import Path
+
+    for name in ("sdxl_pickapic.yaml", "realign_sdxl.yaml"):
+        cfg = load_config(Path(__file__).parents[1] / "jobs" / "configs" / name)
+        assert cfg.generate.actor_num_gpus >= 1 and cfg.evaluate.actor_num_gpus >= 1, name
+        assert cfg.generate.resolution == 1024 and "style" not in cfg.evaluate.scorers, name
+        assert set(cfg.evaluate.scorers) == {"pickscore", "hpsv2", "imagereward", "aesthetic", "clip"}, name
+        for scorer in ("pickscore", "hpsv2", "imagereward", "aesthetic"):
+            assert getattr(cfg.evaluate, scorer).weights, (name, scorer)
+        assert (cfg.evaluate.clip.arch, cfg.evaluate.clip.weights) == ("ViT-H-14", "laion2b_s32b_b79k"), name
 
 
 def test_shipped_configs_load():

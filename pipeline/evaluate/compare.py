@@ -1,8 +1,9 @@
 """Comparing models on the same prompts and seeds: means, paired win rates and style shares, with intervals.
 
 Pure functions of score arrays (scipy does the statistics):
-- paired win rate of A over B: the share of (prompt, seed) pairs where A's image scores higher, ties counting half,
-  with a bootstrap interval over pairs (scipy.stats.bootstrap, percentile method, seeded);
+- paired win rate of A over B: the share of (prompt, seed) pairs where A's image scores higher by more than the
+  scorer's tie margin (`names.TIE_MARGINS`: smaller differences are numerical dust), ties counting half, with a
+  bootstrap interval over pairs (scipy.stats.bootstrap, percentile method, seeded);
 - mean score with a bootstrap interval;
 - share of images in the target style with a Wilson score interval (scipy.stats.binomtest), which stays meaningful
   at 0 or n of n, where a bootstrap collapses to a point.
@@ -17,16 +18,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
+from pipeline.evaluate.names import TIE_MARGINS
+
 PAIR_KEYS = ("prompt_id", "seed")
 BOOTSTRAP_SEED = 0
 
 
-def win_outcomes(candidate: np.ndarray, baseline: np.ndarray) -> np.ndarray:
-    """1 where the candidate scores higher, 0.5 on a tie, 0 where it scores lower (paired arrays)."""
+def win_outcomes(candidate: np.ndarray, baseline: np.ndarray, *, tie_margin: float = 0.0) -> np.ndarray:
+    """1 where the candidate scores higher by more than ``tie_margin``, 0 where lower by more, else 0.5 (a tie)."""
     candidate, baseline = np.asarray(candidate, np.float64), np.asarray(baseline, np.float64)
     if candidate.shape != baseline.shape:
         raise ValueError(f"paired scores need equal shapes, got {candidate.shape} and {baseline.shape}")
-    return (candidate > baseline) + 0.5 * (candidate == baseline)
+    if tie_margin < 0:
+        raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
+    difference = candidate - baseline
+    return (difference > tie_margin) + 0.5 * (np.abs(difference) <= tie_margin)
 
 
 def mean_interval(values: np.ndarray, *, confidence_level: float = 0.95, n_resamples: int = 2000) -> dict[str, Any]:
@@ -46,9 +52,14 @@ def mean_interval(values: np.ndarray, *, confidence_level: float = 0.95, n_resam
 
 
 def paired_win_rate(candidate: np.ndarray, baseline: np.ndarray, *, confidence_level: float = 0.95,
-                    n_resamples: int = 2000) -> dict[str, Any]:
-    """Win rate of ``candidate`` over ``baseline`` on paired scores (ties half), with a bootstrap interval."""
-    return mean_interval(win_outcomes(candidate, baseline), confidence_level=confidence_level, n_resamples=n_resamples)
+                    n_resamples: int = 2000, tie_margin: float = 0.0) -> dict[str, Any]:
+    """Win rate of ``candidate`` over ``baseline`` on paired scores (ties half), with a bootstrap interval, and
+    the counts of wins, ties and losses behind it."""
+    outcomes = win_outcomes(candidate, baseline, tie_margin=tie_margin)
+    result = mean_interval(outcomes, confidence_level=confidence_level, n_resamples=n_resamples)
+    counts = {"wins": int((outcomes == 1).sum()), "ties": int((outcomes == 0.5).sum()),
+              "losses": int((outcomes == 0).sum()), "tie_margin": float(tie_margin)}
+    return {**result, **counts}
 
 
 def share_interval(hits: np.ndarray, *, confidence_level: float = 0.95) -> dict[str, Any]:
@@ -74,11 +85,13 @@ def paired_columns(scores: pa.Table, models: list[str], column: str) -> dict[str
 
 def compare_models(scores: pa.Table, *, models: list[str], baseline: str, scorers: list[str],
                    target_style: str | None = None, confidence_level: float = 0.95,
-                   n_resamples: int = 2000) -> dict[str, Any]:
-    """The comparison the report, the summary lines and the re-alignment gate read (shape: see the README)."""
+                   n_resamples: int = 2000, tie_margins: dict[str, float] | None = None) -> dict[str, Any]:
+    """The comparison the report, the summary lines and the re-alignment gate read (shape: see the README).
+    ``tie_margins`` (scorer -> margin) overrides `TIE_MARGINS`, the differences below which a pair is a tie."""
     if baseline not in models:
         raise ValueError(f"baseline {baseline!r} is not one of the models {models}")
     options = {"confidence_level": confidence_level}
+    margins = {**TIE_MARGINS, **(tie_margins or {})}
     out: dict[str, Any] = {"baseline": baseline, "models": list(models), "confidence_level": confidence_level,
                            "scorers": {}}
     for name in scorers:
@@ -89,7 +102,8 @@ def compare_models(scores: pa.Table, *, models: list[str], baseline: str, scorer
             "mean": {tag: m["value"] for tag, m in means.items()},
             "mean_ci": {tag: m["ci"] for tag, m in means.items()},
             "win_rate": {
-                tag: paired_win_rate(paired[tag], paired[baseline], n_resamples=n_resamples, **options)
+                tag: paired_win_rate(paired[tag], paired[baseline], n_resamples=n_resamples,
+                                     tie_margin=margins[name], **options)
                 for tag in models if tag != baseline
             },
         }
@@ -112,6 +126,7 @@ def summary_lines(comparison: dict[str, Any]) -> list[str]:
         means = ", ".join(f"{tag} {value:.4g}" for tag, value in result["mean"].items())
         wins = "; ".join(
             f"{tag} beats {base} {w['value']:.2f} [{w['ci'][0]:.2f}, {w['ci'][1]:.2f}]"
+            + (f" ({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)" if "ties" in w else "")
             for tag, w in result["win_rate"].items()
         )
         lines.append(f"[evaluate] {name}: mean {means}; win rate ({level} CI, n={comparison['n_pairs']}) {wins}")

@@ -123,7 +123,7 @@ def evaluate_generated(cfg: AlignConfig, generation, *, out_dir: str, baseline: 
     comparison = compare_models(
         scores, models=models, baseline=baseline, scorers=list(e.scorers),
         target_style=cfg.data.toy_target_style if "style" in e.scorers else None,
-        confidence_level=e.confidence_level, n_resamples=e.bootstrap_resamples,
+        confidence_level=e.confidence_level, n_resamples=e.bootstrap_resamples, tie_margins=e.tie_margins,
     )
     scores_uri = join_uri(out_dir, "evaluate", "scores.parquet")
     fs, path = filesystem(scores_uri)

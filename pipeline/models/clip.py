@@ -20,9 +20,12 @@ the "-quickgelu" model (e.g. ViT-L-14-quickgelu).
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -88,6 +91,17 @@ def open_clip_build(model_name: str, pretrained: str | None) -> OpenClipBuild:
     return OpenClipBuild(name, str(path), named_quick_gelu)
 
 
+def open_clip_on_meta(model_name: str, pretrained: str | None = RANDOM) -> torch.nn.Module:
+    """The architecture ClipEmbedder builds for (model_name, pretrained), on the meta device: its parameter names
+    and shapes without memory, in under a second even for ViT-H-14 (to check a weights file before loading it).
+    No weights are read; a tag or file only decides the activation, as in ClipEmbedder. Refuses what it refuses."""
+    build = open_clip_build(model_name, pretrained)
+    # Both the device context and device=: create_model alone builds on the CPU (16 s for ViT-H-14), then moves.
+    with torch.device("meta"), _quiet_when_random(True):  # no weights, by design
+        return open_clip.create_model(build.open_clip_name, pretrained=None, force_quick_gelu=build.quick_gelu,
+                                      device="meta")
+
+
 def is_torchscript_archive(path: str | Path) -> bool:
     """A TorchScript archive (torch.jit.save; OpenAI's CLIP release): a zip holding constants.pkl, which a torch.save
     state dict never has (the same test torch.load makes)."""
@@ -108,6 +122,24 @@ def torchscript_problem(path: str | Path, open_clip_name: str) -> str:
             f"'openai', which open_clip fetches itself")
 
 
+@contextmanager
+def _quiet_when_random(asked: bool) -> Iterator[None]:
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger; where random
+    weights were asked for by name, that is no news, and a user reading it would think something went wrong."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    if asked:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        if asked:
+            root.removeFilter(drop)
+
+
 def _tag_list(tags: list[str]) -> str:
     return f"; its tags: {', '.join(tags)}" if tags else ""
 
@@ -122,7 +154,7 @@ class ClipEmbedder:
         build = open_clip_build(model_name, pretrained)
         self.quick_gelu = build.quick_gelu
         # Seeded so that random weights are the same in every process (and the caller's RNG is left alone).
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_when_random(pretrained == RANDOM):
             torch.manual_seed(TINY_SEED)
             model, _, self.preprocess = open_clip.create_model_and_transforms(
                 build.open_clip_name, pretrained=build.pretrained, force_quick_gelu=build.quick_gelu,

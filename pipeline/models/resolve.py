@@ -60,10 +60,10 @@ def resolve_model_path(cfg: AlignConfig) -> str:
 TOY_CLIP = "toy"  # model.clip_pretrained: the tiny CLIP fitted on the toy world (pipeline.data.toy_clip)
 
 
-def resolve_clip_pretrained(cfg: AlignConfig) -> str | None:
+def resolve_clip_pretrained(cfg: AlignConfig) -> str:
     """model.clip_pretrained as open_clip takes it: "toy" becomes the weights file of the tiny CLIP fitted on the
-    toy world (fitted once by the driver, cached under the run folder by its settings, so every process loads the
-    same weights); a tag or a file is returned as is."""
+    toy world (the fit shipped with the project, or fitted once by the driver; cached under the run folder by its
+    settings, so every process loads the same weights); a tag, a file or "random" is returned as is."""
     if cfg.model.clip_pretrained != TOY_CLIP:
         return cfg.model.clip_pretrained
     from pipeline.data.toy_clip import toy_clip_weights

@@ -26,6 +26,39 @@ def test_win_rate_counts_ties_half_by_hand():
     assert 0.0 <= low <= 0.625 <= high <= 1.0
 
 
+def test_differences_within_the_tie_margin_are_ties_by_hand():
+    aligned = np.array([0.5, 0.104, 0.096, 0.2, 0.0])
+    base = np.array([0.1, 0.1, 0.1, 0.1, 0.3])
+    # margin 0.01: +0.4 win, +0.004 tie, -0.004 tie, +0.1 win, -0.3 loss
+    assert win_outcomes(aligned, base, tie_margin=0.01).tolist() == [1.0, 0.5, 0.5, 1.0, 0.0]
+    result = paired_win_rate(aligned, base, tie_margin=0.01)
+    assert result["value"] == pytest.approx(3 / 5) and (result["wins"], result["ties"], result["losses"]) == (2, 2, 1)
+    with pytest.raises(ValueError, match="tie_margin"):
+        win_outcomes(aligned, base, tie_margin=-1.0)
+
+
+def test_scorer_dust_does_not_make_a_win_rate_contradict_the_style_share():
+    """README's old sample: the sketch share rose 0.00 -> 0.16 while the style win rate read 0.22, because the base's
+    flat images scored ~4e-6 and the aligned model's flat ones a few 1e-6 less: dust decided 27 of 32 pairs."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1e-6, 8e-6, 32)
+    aligned = rng.uniform(0.0, 3e-6, 32)
+    aligned[:5] = 0.95  # five sketches
+    rows = [{"model": tag, "prompt_id": i, "seed": 0, "score_style": float(v),
+             "style_class": "sketch" if (tag == "aligned" and i < 5) else "flat"}
+            for tag, values in (("base", base), ("aligned", aligned)) for i, v in enumerate(values)]
+    result = compare_models(pa.Table.from_pylist(rows), models=["base", "aligned"], baseline="base",
+                            scorers=["style"], target_style="sketch", n_resamples=500)
+    win = result["scorers"]["style"]["win_rate"]["aligned"]
+    assert (win["wins"], win["ties"], win["losses"]) == (5, 27, 0) and win["value"] == pytest.approx(0.5 + 5 / 64)
+    assert win_outcomes(aligned, base).mean() < 0.5  # without the margin the dust reads as the base winning
+    assert result["style"]["share"]["aligned"]["value"] > result["style"]["share"]["base"]["value"]
+    assert "aligned beats base 0.58" in summary_lines(result)[0] and "5 wins, 27 ties, 0 losses" in summary_lines(result)[0]
+    override = compare_models(pa.Table.from_pylist(rows), models=["base", "aligned"], baseline="base",
+                              scorers=["style"], n_resamples=500, tie_margins={"style": 0.0})
+    assert override["scorers"]["style"]["win_rate"]["aligned"]["ties"] == 0
+
+
 def test_bootstrap_interval_of_a_win_rate_matches_the_normal_approximation():
     wins = np.r_[np.ones(120), np.zeros(80)]  # 200 pairs, 60% wins: 0.6 +- 1.96 sqrt(0.24 / 200) = [0.532, 0.668]
     low, high = paired_win_rate(wins, np.full(200, 0.5))["ci"]
@@ -34,7 +67,8 @@ def test_bootstrap_interval_of_a_win_rate_matches_the_normal_approximation():
 
 
 def test_constant_outcomes_have_a_point_interval():
-    assert paired_win_rate(np.ones(5), np.zeros(5)) == {"value": 1.0, "ci": [1.0, 1.0], "n": 5}
+    assert paired_win_rate(np.ones(5), np.zeros(5)) == {"value": 1.0, "ci": [1.0, 1.0], "n": 5, "wins": 5,
+                                                        "ties": 0, "losses": 0, "tie_margin": 0.0}
     assert mean_interval(np.array([2.5]))["ci"] == [2.5, 2.5]
 
 

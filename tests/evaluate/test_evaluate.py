@@ -18,7 +18,7 @@ from pipeline.precompute import resolve_model_path
 def test_evaluate_models_scores_compares_and_reports(ray_session, tmp_path):
     twin = save_tiny_twin("pickscore", tmp_path / "pickscore_twin")
     overrides = [
-        f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.tiny_fit_steps=0",
+        f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.clip_pretrained=random", "model.tiny_fit_steps=0",
         "precompute.resolution=32",
         "generate.num_prompts=3", "generate.seeds=[0, 1]", "generate.num_inference_steps=2",
         "evaluate.scorers=[style, clip, pickscore]", "evaluate.bootstrap_resamples=200",

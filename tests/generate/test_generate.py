@@ -16,7 +16,7 @@ from pipeline.train.checkpoint import _save_lora
 
 def _config(storage, *overrides):
     return load_config(None, [
-        f"cluster.storage_path={storage}", "model.pretrained=tiny", "model.tiny_fit_steps=0",
+        f"cluster.storage_path={storage}", "model.pretrained=tiny", "model.clip_pretrained=random", "model.tiny_fit_steps=0",
         "precompute.resolution=32",
         "generate.num_prompts=2", "generate.seeds=[0, 1]", "generate.num_inference_steps=2",
         "generate.batch_size=3",  # 4 rows per model: one full planned batch and one padded

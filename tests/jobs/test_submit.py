@@ -20,7 +20,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 TINY = [  # the smallest run that still goes through every stage
     "--set", "data.toy_pairs=12", "--set", "data.toy_resolution=32", "--set", "precompute.resolution=32",
-    "--set", "model.pretrained=tiny", "--set", "model.tiny_fit_steps=0",
+    "--set", "model.pretrained=tiny", "--set", "model.tiny_fit_steps=0", "--set", "model.clip_pretrained=random",
     "--set", "train.max_steps=2", "--set", "train.batch_size_per_worker=2",
     "--set", "generate.num_prompts=2", "--set", "generate.seeds=[0]", "--set", "generate.num_inference_steps=2",
     "--set", "evaluate.scorers=[style]", "--set", "evaluate.bootstrap_resamples=100",

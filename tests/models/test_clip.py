@@ -122,3 +122,12 @@ def test_the_embedder_builds_a_tags_activation_and_loads_its_weights(embedder, t
     assert quick.identity["sha256"] == plain.identity["sha256"] == embedder.identity["sha256"]  # the file's tensors
     assert quick.identity["pretrained"] == "like_openai"
     assert not torch.allclose(quick.embed_texts(TEXTS), plain.embed_texts(TEXTS))  # same weights, other activation
+
+
+def test_random_weights_asked_for_by_name_print_no_warning(caplog):
+    """open_clip's "initialized randomly" warning was the default job's hint that its CLIP was random by accident."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        ClipEmbedder("tiny", "random")
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]

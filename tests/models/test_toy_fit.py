@@ -34,7 +34,7 @@ def test_fitted_build_is_deterministic(tmp_path):
 
 def test_the_model_folder_names_its_fit_so_another_setting_never_reuses_it(tmp_path):
     def path(*overrides):
-        return load_config(None, [f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.tiny_fit_steps=0",
+        return load_config(None, [f"cluster.storage_path={tmp_path}", "model.pretrained=tiny", "model.clip_pretrained=random", "model.tiny_fit_steps=0",
                                   *overrides])
 
     # Only the folder name is checked: resolve_model_path would build, so compare what it would build into.

@@ -25,7 +25,7 @@ class World:
         return load_config(None, [
             f"cluster.storage_path={self.storage}",
             f"data.toy_pairs={TOY_PAIRS}",
-            "model.pretrained=tiny",
+            "model.pretrained=tiny", "model.clip_pretrained=random",
             "model.tiny_fit_steps=0",  # random weights: these tests check mechanics, not learning
             f"data.toy_resolution={TOY_RESOLUTION}",
             "data.holdout_fraction=0.25",

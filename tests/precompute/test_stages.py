@@ -77,7 +77,7 @@ def test_decode_batch_marks_bad_images_and_never_raises():
 
 def _spec(model_path, resolution=32, kind="sdxl", batch_size=4) -> EncoderSpec:
     return EncoderSpec(model_path=str(model_path), kind=kind, revision=None, variant=None, clip_model="tiny",
-                       clip_pretrained=None, resolution=resolution, use_gpu=False, batch_size=batch_size)
+                       clip_pretrained="random", resolution=resolution, use_gpu=False, batch_size=batch_size)
 
 
 def test_image_encoder_encodes_good_rows_and_passes_bad_ones_through(world):

@@ -23,7 +23,7 @@ class ToyStore:
             f"name={name}",
             f"cluster.storage_path={self.storage}",
             f"precompute.store={self.store}",
-            "model.pretrained=tiny",
+            "model.pretrained=tiny", "model.clip_pretrained=random",
             "model.tiny_fit_steps=0",  # random weights: these tests check mechanics, not learning
             f"precompute.resolution={RESOLUTION}",
             f"data.toy_pairs={TOY_PAIRS}",

@@ -38,7 +38,7 @@ def run_steps(mode: str, compile_: bool, model_path: str):
     from pipeline.train.step import PairBatch, preference_loss
     from pipeline.train.worker import WorkerPlan
 
-    cfg = load_config(None, ["model.pretrained=tiny", f"train.mode={mode}", "loss.objective=rpo", "loss.beta=500",
+    cfg = load_config(None, ["model.pretrained=tiny", "model.clip_pretrained=random", f"train.mode={mode}", "loss.objective=rpo", "loss.beta=500",
                              f"train.batch_size_per_worker={PAIRS}", "train.lr=1e-2", f"train.compile={'aot_eager' if compile_ else 'null'}"])
     plan = WorkerPlan(model_path=model_path, kind="sd15", train_rows=0, model_out="")
     models = setup_models(cfg, plan, torch.device("cpu"))

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 4
 SETTINGS = [
-    "model.pretrained=tiny", "model.tiny_fit_steps=0", "precompute.resolution=32", "data.toy_pairs=40",
+    "model.pretrained=tiny", "model.clip_pretrained=random", "model.tiny_fit_steps=0", "precompute.resolution=32", "data.toy_pairs=40",
     "data.toy_resolution=32",
     "data.holdout_fraction=0.2", "train.num_workers=1", "train.worker_num_cpus=0.5", "train.batch_size_per_worker=2",
     "loss.beta=500", f"train.max_steps={MAX_STEPS}", "train.log_every=2", f"train.checkpoint_every={MAX_STEPS}",
