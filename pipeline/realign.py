@@ -202,11 +202,14 @@ def _pair_ids(uri: str) -> set[str]:
 
 
 def format_result(result: RealignResult) -> list[str]:
-    """Lines for people: what the run decided and why."""
+    """Lines for people: what the run decided and why (and the data folder's files that were not read)."""
+    ignored = (result.precompute or {}).get("ignored_files") or []
+    not_read = ([f"[realign] not read (not .parquet/.jsonl shards): {', '.join(ignored[:5])}"
+                 + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")] if ignored else [])
     if result.status == "nothing_new":
-        return [f"[realign] {result.reasons[0]}"]
+        return [f"[realign] {result.reasons[0]}", *not_read]
     verb = "promoted" if result.status == "promoted" else f"kept {result.promoted or 'the base model'}; rejected"
-    lines = [f"[realign] {verb} {result.version}"]
+    lines = [f"[realign] {verb} {result.version}", *not_read]
     lines += [f"[realign]   {reason}" for reason in result.reasons]
     lines.append(f"[realign] report: {result.report_path}")
     return lines

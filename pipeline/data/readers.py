@@ -1,12 +1,15 @@
 """Read a preference table (Parquet or JSONL + image folder) into the normalised pair schema.
 
-    load = load_preferences("data/pickapic/")           # a .parquet file, a folder of them, or a .jsonl file
+    load = load_preferences("data/pickapic/")   # a .parquet or .jsonl file, or a folder of .parquet/.jsonl shards
     load.pairs        # pa.Table in PAIR_SCHEMA: winner in image_w, loser in image_l, stable pair_id
     load.quarantine   # pa.Table in QUARANTINE_SCHEMA: every bad row with its file, row index and reason
-    load.summary      # {"rows", "kept", "ties", "duplicates", "quarantined", "quarantined_by_reason"}
+    load.summary      # {"rows", "kept", "ties", "duplicates", "quarantined", "quarantined_by_reason",
+                      #  "ignored_files"}
 
 A bad row never raises: it is quarantined with a stable reason code (schema.QUARANTINE_REASONS). Only a
 source that does not exist or is not a Parquet/JSONL table at all is an error, because that is the user's.
+A folder's other files (not .parquet/.jsonl, not hidden, not images, not _SUCCESS-style markers) are not read and
+are listed in ``summary["ignored_files"]`` (and logged), never passed over without a word.
 
 Labels: ``label_0`` 1.0 means image 0 won, 0.0 means image 1 won, 0.5 is a tie. Ties are dropped by default
 and counted in ``summary["ties"]``; with ``drop_ties=False`` they are kept, in file order, with image 0 as
@@ -152,7 +155,9 @@ class PreferenceStream:
         batch_rows: int = PAIR_BATCH_ROWS,
     ):
         self.source = source
-        self.files = table_files(source)
+        listing = list_table(source)
+        self.files = listing.files
+        self.ignored_files = listing.ignored
         self.batch_rows = batch_rows
         self._collector = _Collector(
             drop_ties=drop_ties, max_image_pixels=max_image_pixels, max_aspect_ratio=max_aspect_ratio
@@ -174,37 +179,82 @@ class PreferenceStream:
 
     @property
     def summary(self) -> dict[str, Any]:
-        return self._collector.summary()
+        return {**self._collector.summary(), "ignored_files": list(self.ignored_files)}
 
 
 ACCEPTED_SOURCES = (
-    "a .parquet file, a folder of .parquet files, or a .jsonl file with image paths relative to its folder"
+    "a .parquet or .jsonl file, or a folder of .parquet and .jsonl shards (JSONL image paths relative to the shard's "
+    "folder)"
 )
+# Files a data folder may hold beside its shards without a word: the images that path columns name relative to
+# the folder. Hidden files and Spark/Hive markers (_SUCCESS, _metadata) are passed over too; subfolders are where
+# images live and are never listed. Anything else is reported as ignored, so a shard of another format (.csv,
+# .json, a .parquet.gz) is never silently left out of a run.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class TableListing:
+    """What a source holds: its table files (``table_files``) and the other files of a data folder that are not
+    read (``ignored``: local paths or URIs, sorted), which readers report in their summaries."""
+
+    files: list[TableFile]
+    ignored: list[str]
 
 
 def table_files(source: str | Path) -> list[TableFile]:
-    """The files behind ``source`` (a local path or an ``s3://`` / ``gs://`` URI); a folder's .parquet files sorted.
+    """The table files behind ``source`` (a local path or an ``s3://`` / ``gs://`` URI): the file itself, or a
+    folder's .parquet and .jsonl shards sorted by name. A source that does not exist or holds no table is an error
+    naming it. ``list_table`` also gives the folder's other files."""
+    return list_table(source).files
 
-    A source that does not exist or holds no table is an error naming it.
-    """
+
+def list_table(source: str | Path) -> TableListing:
+    """``table_files`` plus the files of a data folder that are neither shards nor expected beside them."""
     if is_local(str(source)):
-        return [TableFile(str(path), kind) for path, kind in source_files(source)]
-    uri = str(source).rstrip("/")
+        return _list_local(Path(source))
+    return _list_remote(str(source).rstrip("/"))
+
+
+def _list_local(path: Path) -> TableListing:
+    if not path.exists():
+        raise FileNotFoundError(f"preference table {path} does not exist; expected {ACCEPTED_SOURCES}")
+    if not path.is_dir():
+        return TableListing([TableFile(str(path), _kind_of(str(path)))], [])
+    return _folder_listing(str(path), sorted(str(p) for p in path.iterdir() if p.is_file()))
+
+
+def _list_remote(uri: str) -> TableListing:
     scheme = uri.split("://", 1)[0]
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"preference table {uri} does not exist; expected {ACCEPTED_SOURCES}")
-    if info.type == pafs.FileType.Directory:
-        names = sorted(
-            entry.path for entry in fs.get_file_info(pafs.FileSelector(path))
-            if entry.type == pafs.FileType.File and posixpath.splitext(entry.path)[1].lower() in PARQUET_SUFFIXES
-            and not posixpath.basename(entry.path).startswith((".", "_"))
-        )
-        if not names:
-            raise ValueError(f"folder {uri} holds no .parquet files; expected {ACCEPTED_SOURCES}")
-        return [TableFile(f"{scheme}://{name}", "parquet") for name in names]
-    return [TableFile(uri, _kind_of(uri))]
+    if info.type != pafs.FileType.Directory:
+        return TableListing([TableFile(uri, _kind_of(uri))], [])
+    entries = fs.get_file_info(pafs.FileSelector(path))
+    names = sorted(f"{scheme}://{e.path}" for e in entries if e.type == pafs.FileType.File)
+    return _folder_listing(uri, names)
+
+
+def _folder_listing(folder: str, names: list[str]) -> TableListing:
+    """Sort a data folder's files (full paths or URIs) into shards and ignored files; no shard is an error."""
+    files, ignored = [], []
+    for name in names:
+        base = posixpath.basename(name)
+        suffix = posixpath.splitext(base)[1].lower()
+        if base.startswith((".", "_")) or suffix in IMAGE_SUFFIXES:
+            continue
+        if suffix in PARQUET_SUFFIXES or suffix in JSONL_SUFFIXES:
+            files.append(TableFile(name, _kind_of(name)))
+        else:
+            ignored.append(name)
+    if not files:
+        raise ValueError(f"folder {folder} holds no .parquet or .jsonl files; expected {ACCEPTED_SOURCES}")
+    if ignored:
+        log.warning("preference folder %s: %d file(s) are not .parquet/.jsonl shards and are not read: %s",
+                    folder, len(ignored), ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+    return TableListing(files, ignored)
 
 
 def _kind_of(name: str) -> str:
@@ -214,23 +264,6 @@ def _kind_of(name: str) -> str:
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
     raise ValueError(f"preference table {name}: unknown format {suffix or '(no suffix)'!r}; expected {ACCEPTED_SOURCES}")
-
-
-def source_files(source: str | Path) -> list[tuple[Path, str]]:
-    """The local files behind ``source`` with their kind ("parquet" or "jsonl"); a folder's .parquet files sorted."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"preference table {path} does not exist; expected {ACCEPTED_SOURCES}")
-    if path.is_dir():
-        # Skip hidden and Spark/Hive marker files (_SUCCESS, _metadata) that sit beside the shards.
-        files = sorted(
-            p for p in path.iterdir()
-            if p.is_file() and p.suffix.lower() in PARQUET_SUFFIXES and not p.name.startswith((".", "_"))
-        )
-        if not files:
-            raise ValueError(f"folder {path} holds no .parquet files; expected {ACCEPTED_SOURCES}")
-        return [(p, "parquet") for p in files]
-    return [(path, _kind_of(str(path)))]
 
 
 def file_rows(file: TableFile) -> Iterator[RawRow | Rejected]:

@@ -3,13 +3,15 @@
 A model is given as a location: "base" (the run's base pipeline), a diffusers pipeline folder or hub id, a UNet folder
 (a full fine-tune's output), or a LoRA folder / .safetensors file (applied to the base pipeline). Loading uses only
 `from_pretrained` and `load_lora_weights`, which also proves that training's outputs load with no code of ours.
+The run's base pipeline is loaded at model.revision from model.variant's weight files, as precompute and training
+load it; a spec carries them, so every actor loads the very files the feature store was made from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -28,13 +30,34 @@ class ModelSpec:
     path: str  # the pipeline (hub id or folder), UNet folder or LoRA file/folder
     base: str  # the base pipeline that a UNet or LoRA goes into (== path for "pipeline")
     fingerprint: str  # changes when the files change: a re-run regenerates only then
+    # How ``base`` is loaded: model.revision / model.variant when it is the run's base model; None (the default
+    # files) for another pipeline named as a location.
+    revision: str | None = None
+    variant: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def resolve_model(tag: str, location: str, base: str) -> ModelSpec:
-    """What ``location`` holds. Remote (s3://, gs://) folders are copied to a local cache first."""
+def resolve_model(tag: str, location: str, base: str, *, revision: str | None = None,
+                  variant: str | None = None) -> ModelSpec:
+    """What ``location`` holds. Remote (s3://, gs://) folders are copied to a local cache first. ``revision`` and
+    ``variant`` are the run's base model's (model.revision / model.variant): a spec whose base pipeline is ``base``
+    carries them."""
+    spec = _resolve(tag, location, base)
+    if _same_model(spec.base, base):
+        spec = replace(spec, revision=revision, variant=variant)
+    return spec
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two locations name one pipeline (a hub id as given, a local folder after resolving it)."""
+    if Path(a).expanduser().exists() and Path(b).expanduser().exists():
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b
+
+
+def _resolve(tag: str, location: str, base: str) -> ModelSpec:
     if location == "base":
         location = base
     if not is_local(location):
@@ -99,12 +122,14 @@ def _is_run_record(file: Path) -> bool:
     return file.name in ("align_config.json", "final_metrics.json")
 
 
-def load_base(path: str, *, dtype: torch.dtype, device: torch.device, scheduler: str = ""):
-    """A diffusers text-to-image pipeline folder or hub id, on ``device`` in ``dtype``, progress bars off."""
+def load_base(path: str, *, revision: str | None, variant: str | None, dtype: torch.dtype, device: torch.device,
+              scheduler: str = ""):
+    """A diffusers text-to-image pipeline folder or hub id at ``revision``, from ``variant``'s weight files (None:
+    the default files), on ``device`` in ``dtype``, progress bars off."""
     import diffusers
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, revision=revision, variant=variant)
     if scheduler:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     if getattr(pipe, "safety_checker", None) is not None:

@@ -91,17 +91,17 @@ class GenerateImages:
         self.out_dir = out_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _dtype(settings["precision"], self.device.type == "cuda")
-        self.bases: dict[str, Any] = {}  # base pipeline path -> pipeline, loaded once
+        self.bases: dict[tuple, Any] = {}  # (base pipeline path, revision, variant) -> pipeline, loaded once
         self.pipelines: dict[str, Any] = {}  # model tag -> pipeline, built on first use
 
     def _pipeline(self, tag: str):
         if tag not in self.pipelines:
             spec = self.specs[tag]
-            if spec.base not in self.bases:
-                self.bases[spec.base] = load_base(
-                    spec.base, dtype=self.dtype, device=self.device, scheduler=self.settings["scheduler"]
-                )
-            self.pipelines[tag] = with_model(self.bases[spec.base], spec)
+            key = (spec.base, spec.revision, spec.variant)
+            if key not in self.bases:
+                self.bases[key] = load_base(spec.base, revision=spec.revision, variant=spec.variant,
+                                            dtype=self.dtype, device=self.device, scheduler=self.settings["scheduler"])
+            self.pipelines[tag] = with_model(self.bases[key], spec)
         return self.pipelines[tag]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -177,17 +177,24 @@ def planned_blocks(per_model: list[list[dict[str, Any]]], batch_size: int) -> li
     return blocks
 
 
+def model_specs(cfg: AlignConfig, models: dict[str, str]) -> dict[str, ModelSpec]:
+    """Every model's spec; the run's base model is loaded at model.revision / model.variant, as precompute and
+    training load it (``base_weights``)."""
+    from pipeline.precompute import resolve_model_path
+    from pipeline.precompute.run import base_weights
+
+    base = resolve_model_path(cfg)
+    return {tag: resolve_model(tag, location, base, **base_weights(cfg)) for tag, location in models.items()}
+
+
 def run_generation(cfg: AlignConfig, models: dict[str, str], *, out_dir: str) -> GenerationResult:
     """Generate cfg's prompt set x generate.seeds for every model (tag -> location, see pipeline.generate.models)."""
     import ray
 
-    from pipeline.precompute import resolve_model_path
-
     g = cfg.generate
     check_scheduler(g.scheduler)
     prompts = prompt_set(cfg)  # a bad prompt file stops here, before any model loads
-    base = resolve_model_path(cfg)
-    specs = {tag: resolve_model(tag, location, base) for tag, location in models.items()}
+    specs = model_specs(cfg, models)
     settings = generation_settings(cfg)
     record = {"prompts": prompts, "seeds": list(g.seeds), "settings": settings,
               "models": {tag: spec.to_dict() for tag, spec in specs.items()}}

@@ -8,7 +8,9 @@ Order of work, each step committed before the next relies on it:
 1. Check that the source and the store can be reached (a missing bucket or credentials end the run here, naming
    the URI and what to set). Resolve the model and the data ("tiny" and "toy" are built under the run folder) and
    the store's settings. A store made with other settings is refused (``StoreMismatchError``) or, with
-   ``precompute.on_mismatch=new_store``, left alone for a sibling store named after the settings' hash.
+   ``precompute.on_mismatch=new_store``, left alone for a sibling store named after the settings' hash. List the
+   source's shards (a folder's .parquet and .jsonl files); its other files are named in ``summary["ignored_files"]``
+   and in ``format_summary``'s line, never passed over without a word.
 2. One Ray Data pipeline (``pipeline.precompute.stream``): read tasks, one per table file, read and check rows
    (bad rows -> quarantine, the reasons of ``load_preferences``); tasks claim their block's keys in the run's
    ``Ledger`` actor (which knows what the store holds), write the new pairs (hashes only) and quarantine rows as
@@ -31,7 +33,7 @@ import time
 from typing import Any
 
 from pipeline.config import AlignConfig
-from pipeline.data.readers import table_files
+from pipeline.data.readers import list_table
 from pipeline.data.toy import resolve_data_source
 from pipeline.models.resolve import resolve_model_path, tiny_model_dir
 from pipeline.precompute.store import (
@@ -57,17 +59,28 @@ COMMIT_EVERY_S = 60.0  # a crash loses at most this much finished encoding work
 __all__ = ["local_run_dir", "resolve_data_source", "resolve_model_path", "tiny_model_dir"]  # moved; still here
 
 
+def base_weights(cfg: AlignConfig) -> dict[str, str | None]:
+    """Which files of the base model every stage loads: ``revision`` (hub branch, tag or commit) and ``variant``
+    (e.g. "fp16": ``*.fp16.safetensors``), from model.revision / model.variant.
+
+    The one place they are read: precompute's encoders, the store's model record (which training checks), the
+    training workers' policy, reference and noise schedule, and generation's base pipeline all take them from
+    here, so the store never vouches for weights that another stage does not load."""
+    return {"revision": cfg.model.revision, "variant": cfg.model.variant}
+
+
 def model_settings(cfg: AlignConfig, model_path: str) -> dict[str, Any]:
     """The model's identity as a store records it: source, kind, weights hash (+ hub commit), variant."""
     from pipeline.models.loader import model_identity
 
-    identity = model_identity(model_path, revision=cfg.model.revision)
+    weights = base_weights(cfg)
+    identity = model_identity(model_path, revision=weights["revision"])
     if cfg.model.kind != "auto" and cfg.model.kind != identity["kind"]:
         raise ValueError(
             f"model.kind is {cfg.model.kind!r} but {model_path} is a {identity['kind']} pipeline; "
             f"set model.kind to 'auto' or {identity['kind']!r}"
         )
-    return {**identity, "variant": cfg.model.variant}
+    return {**identity, "variant": weights["variant"]}
 
 
 def store_settings(cfg: AlignConfig, model_path: str) -> dict[str, Any]:
@@ -77,7 +90,7 @@ def store_settings(cfg: AlignConfig, model_path: str) -> dict[str, Any]:
     from pipeline.models.clip import ClipEmbedder
     from pipeline.models.resolve import resolve_clip_pretrained
 
-    vae_config = AutoencoderKL.load_config(model_path, subfolder="vae", revision=cfg.model.revision)
+    vae_config = AutoencoderKL.load_config(model_path, subfolder="vae", revision=base_weights(cfg)["revision"])
     return {
         "model": model_settings(cfg, model_path),
         "clip": ClipEmbedder(cfg.model.clip_model, resolve_clip_pretrained(cfg)).identity,
@@ -136,7 +149,8 @@ def run_precompute(cfg: AlignConfig) -> dict[str, Any]:
     if orphans:
         log.warning("removed %d uncommitted file(s) a crashed run left in %s", len(orphans), store_uri)
     source = resolve_data_source(cfg)
-    files = table_files(source)
+    listing = list_table(source)  # a folder's other files are reported in the summary, never passed over silently
+    files = listing.files
 
     _warn_if_actors_starve_decoding(cfg)
     ledger = ray.remote(num_cpus=0)(Ledger).remote(store_uri, manifest)
@@ -160,8 +174,10 @@ def run_precompute(cfg: AlignConfig) -> dict[str, Any]:
         "new_texts": counts["new_texts"],
         "new_images": counts["new_images"],
         "orphans_removed": len(orphans),
+        "ignored_files": listing.ignored,
+        # the same counts as load_preferences(source).summary
         "reader": {k: counts[k] for k in ("rows", "kept", "ties", "duplicates", "quarantined")}
-        | {"quarantined_by_reason": result["by_reason"]},
+        | {"quarantined_by_reason": result["by_reason"], "ignored_files": listing.ignored},
         "seconds": {},
     }
     if not shards["pairs"] and not shards["quarantine"] and not counts["new_texts"]:
@@ -184,15 +200,25 @@ def _finish(summary: dict[str, Any], manifest: dict[str, Any], started: float, *
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """One line for people: what this run did and what the store now holds."""
+    """One line for people: what this run did and what the store now holds (and which files it did not read)."""
     holds = (f"store {summary['store_uri']} holds {summary['pairs_total']} pairs ({summary['train']} train, "
              f"{summary['holdout']} holdout), {summary['quarantine_total']} quarantined rows")
     if summary["nothing_new"]:
-        return (f"precompute: nothing new in {summary['source']} ({summary['skipped_pairs']} pairs already done); "
+        line = (f"precompute: nothing new in {summary['source']} ({summary['skipped_pairs']} pairs already done); "
                 f"{holds}")
-    return (f"precompute: {summary['new_pairs']} new pairs, {summary['skipped_pairs']} already done, "
-            f"{summary['quarantined']} quarantined; encoded {summary['new_images']} images and "
-            f"{summary['new_texts']} captions in {summary['seconds']['total']:.0f} s; {holds}")
+    else:
+        line = (f"precompute: {summary['new_pairs']} new pairs, {summary['skipped_pairs']} already done, "
+                f"{summary['quarantined']} quarantined; encoded {summary['new_images']} images and "
+                f"{summary['new_texts']} captions in {summary['seconds']['total']:.0f} s; {holds}")
+    return line + _ignored_note(summary.get("ignored_files", []))
+
+
+def _ignored_note(ignored: list[str]) -> str:
+    if not ignored:
+        return ""
+    shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+    return (f"; NOT READ: {len(ignored)} file(s) in the data folder that are not .parquet/.jsonl shards ({shown}): "
+            f"convert them to Parquet or JSONL, or move them out of data.source")
 
 
 # ------------------------------------------------------------------------------------ the steps of a run
@@ -204,8 +230,8 @@ def encoder_spec(cfg: AlignConfig, model_path: str, settings: dict[str, Any]):
     from pipeline.precompute.stages import EncoderSpec
 
     return EncoderSpec(
-        model_path=model_path, kind=settings["model"]["kind"], revision=cfg.model.revision,
-        variant=cfg.model.variant, clip_model=cfg.model.clip_model, clip_pretrained=resolve_clip_pretrained(cfg),
+        model_path=model_path, kind=settings["model"]["kind"], **base_weights(cfg),
+        clip_model=cfg.model.clip_model, clip_pretrained=resolve_clip_pretrained(cfg),
         resolution=cfg.precompute.resolution, use_gpu=cfg.precompute.actor_num_gpus > 0,
         batch_size=cfg.precompute.batch_size,
     )

@@ -2,8 +2,9 @@
 
     dataset = read_checked_rows(table_files("s3://bucket/pickapic"), check=RowCheck(drop_ties=True, ...))
 
-Each read task streams one file (Parquet row batches or JSONL lines, local or on an object store), reads the
-images that rows name by path, fully decodes every image and validates the row with ``pipeline.data``'s own
+Each read task streams one file (Parquet row batches or JSONL lines, local or on an object store; a folder's
+.parquet and .jsonl shards alike, as ``table_files`` lists them), reads the images that rows name by path (relative
+to the file's folder), fully decodes every image and validates the row with ``pipeline.data``'s own
 ``check_row``, so the reasons are those of ``load_preferences``. It yields blocks of ``CHECKED_SCHEMA`` rows:
 good pairs (winner first, with their ``pair_id``), ties, and bad rows with their quarantine reason.
 

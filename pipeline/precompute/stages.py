@@ -105,7 +105,7 @@ class EncoderSpec:
     revision: str | None
     variant: str | None
     clip_model: str
-    clip_pretrained: str | None
+    clip_pretrained: str
     resolution: int
     use_gpu: bool
     batch_size: int  # inputs per model call, always (see the module docstring)

@@ -5,6 +5,10 @@ where an fp32 load plus an fp32 copy for the reference held ~20 GB of host memor
 built inside `deepspeed.zero.Init`, so each rank allocates only its 1/N partition, and rank 0 alone reads the
 weights and hands each layer's over while the layer is gathered. DeepSpeed's bf16 master weights are made from the
 bf16 module either way, so loading in bf16 loses nothing against loading in fp32.
+
+Every load reads the plan's ``revision`` and ``variant`` (the base's model.revision / model.variant, as precompute
+used them and the store records them): the loaders take them as required arguments, so no path can fall back to
+the hub's default files.
 """
 
 from __future__ import annotations
@@ -54,21 +58,39 @@ def _numel(p: torch.nn.Parameter) -> int:
     return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter reports 0 elements
 
 
-def load_unet(model_path: str, kind: str, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_unet(model_path: str, kind: str, *, revision: str | None, variant: str | None, dtype: torch.dtype,
+              device: torch.device) -> torch.nn.Module:
+    """The UNet of ``model_path`` at ``revision``, from its ``variant``'s weight files (None: the default files)."""
     from pipeline.models.loader import load_components
 
-    return load_components(model_path, kind=kind, parts=("unet",), dtype=dtype, device=device).unet
+    return load_components(model_path, kind=kind, parts=("unet",), dtype=dtype, device=device, revision=revision,
+                           variant=variant).unet
 
 
-def load_unet_zero3(model_path: str, kind: str, ds_config: dict, *, dtype: torch.dtype, device: torch.device,
-                    state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+def load_noise_schedule(model_path: str, kind: str, *, revision: str | None):
+    """The training noise schedule (DDPM) from the pipeline's scheduler config at ``revision``."""
+    from pipeline.models.loader import load_components
+
+    return load_components(model_path, kind=kind, parts=("scheduler",), revision=revision).scheduler
+
+
+def unet_config(model_path: str, *, revision: str | None) -> dict:
+    """The UNet's config.json at ``revision`` (one file for every variant)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.load_config(model_path, subfolder="unet", revision=revision)
+
+
+def load_unet_zero3(model_path: str, kind: str, ds_config: dict, *, revision: str | None, dtype: torch.dtype,
+                    device: torch.device, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
     """The UNet built under `deepspeed.zero.Init` (each rank holds 1/N), with rank 0's `state` copied in layer by
-    layer while that layer is gathered. Every rank must call this; only rank 0 passes `state`."""
+    layer while that layer is gathered. Every rank must call this; only rank 0 passes `state` (read by `load_unet`
+    with the plan's variant)."""
     import deepspeed
     import torch.distributed as dist
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
+    config = unet_config(model_path, revision=revision)
     # No dtype argument: DeepSpeed 0.19 reads it as bf16 on accelerators without fp16 (the CPU's), whatever it is;
     # from the config it takes bf16 / fp16 / fp32 as the training precision says.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None, pin_memory=False):
@@ -89,10 +111,9 @@ def setup_models(cfg: AlignConfig, plan, device: torch.device) -> TrainModels:
     import deepspeed
     import torch.distributed as dist
 
-    from pipeline.models.loader import load_components
-
     precision, dtype = training_dtype(cfg, device)
-    scheduler = load_components(plan.model_path, kind=plan.kind, parts=("scheduler",)).scheduler
+    weights = {"revision": plan.revision, "variant": plan.variant}
+    scheduler = load_noise_schedule(plan.model_path, plan.kind, revision=plan.revision)
     full = cfg.train.mode == "full"
     wants_reference = full and cfg.loss.objective != "sft"
     zero3_init = full and resolve_zero_stage(cfg.train) == 3
@@ -100,19 +121,20 @@ def setup_models(cfg: AlignConfig, plan, device: torch.device) -> TrainModels:
     if zero3_init:
         # The config's bucket sizes need the parameter count before the model exists: read it from rank 0's copy.
         rank = dist.get_rank() if dist.is_initialized() else 0
-        state = load_unet(plan.model_path, plan.kind, dtype=dtype, device=torch.device("cpu")).state_dict() \
-            if rank == 0 else None
+        state = load_unet(plan.model_path, plan.kind, **weights, dtype=dtype,
+                          device=torch.device("cpu")).state_dict() if rank == 0 else None
         count = torch.tensor([sum(v.numel() for v in state.values()) if state else 0], dtype=torch.int64,
                              device=device)
         if dist.is_initialized():
             dist.broadcast(count, src=0)
         ds_config = deepspeed_config(cfg.train, precision=precision, num_params=int(count.item()))
-        unet = load_unet_zero3(plan.model_path, plan.kind, ds_config, dtype=dtype, device=device, state=state)
-        reference_unet = (load_unet_zero3(plan.model_path, plan.kind, ds_config, dtype=dtype, device=device,
-                                          state=state) if wants_reference else None)
+        unet = load_unet_zero3(plan.model_path, plan.kind, ds_config, revision=plan.revision, dtype=dtype,
+                               device=device, state=state)
+        reference_unet = (load_unet_zero3(plan.model_path, plan.kind, ds_config, revision=plan.revision,
+                                          dtype=dtype, device=device, state=state) if wants_reference else None)
         del state
     else:
-        unet = load_unet(plan.model_path, plan.kind, dtype=dtype, device=device)
+        unet = load_unet(plan.model_path, plan.kind, **weights, dtype=dtype, device=device)
         ds_config = deepspeed_config(cfg.train, precision=precision, num_params=sum(_numel(p) for p in unet.parameters()))
         reference_unet = None
 

@@ -127,6 +127,8 @@ def training_model_path(cfg: AlignConfig) -> str:
     from pipeline.precompute import resolve_model_path
     from pipeline.storage import is_local
 
+    from pipeline.precompute.run import base_weights
+
     base = resolve_model_path(cfg)
     if cfg.train.init_unet is None:
         return base
@@ -144,9 +146,34 @@ def training_model_path(cfg: AlignConfig) -> str:
         else:  # a hub id: the two small files from the hub (or its cache)
             from huggingface_hub import hf_hub_download
 
-            shutil.copyfile(hf_hub_download(base, name, revision=cfg.model.revision), folder / name)
+            shutil.copyfile(hf_hub_download(base, name, revision=base_weights(cfg)["revision"]), folder / name)
     os.symlink(unet, folder / "unet", target_is_directory=True)
     return str(folder)
+
+
+def training_weights(cfg: AlignConfig) -> dict[str, str | None]:
+    """The revision and variant the workers load ``training_model_path(cfg)`` with: the base model's
+    (model.revision / model.variant, as precompute loaded it). With ``train.init_unet`` the folder is local (its
+    model_index and scheduler were copied at the base's revision) and its UNet is a fine-tune that training wrote
+    with the default file names, so neither applies."""
+    from pipeline.precompute.run import base_weights
+
+    if cfg.train.init_unet is not None:
+        return {"revision": None, "variant": None}
+    return base_weights(cfg)
+
+
+def worker_plan(cfg: AlignConfig, worker_cfg: AlignConfig, manifest: dict[str, Any], train_rows: int) -> WorkerPlan:
+    """What every worker loads and writes: the model folder with its revision and variant, the store's model kind,
+    the training pairs, where the model goes, the holdout sample."""
+    return WorkerPlan(
+        model_path=training_model_path(cfg),
+        kind=manifest["model"]["kind"],
+        train_rows=train_rows,
+        model_out=model_uri(worker_cfg),
+        holdout=holdout_sample(cfg, manifest),
+        **training_weights(cfg),
+    )
 
 
 def run_training(cfg: AlignConfig, *, callbacks: list | None = None) -> TrainResult:
@@ -164,13 +191,7 @@ def run_training(cfg: AlignConfig, *, callbacks: list | None = None) -> TrainRes
     pair_ids, train_rows = training_pairs(cfg, manifest)
     datasets, train_rows = training_datasets(cfg, pair_ids, train_rows)
     worker_cfg = with_absolute_paths(cfg)
-    plan = WorkerPlan(
-        model_path=training_model_path(cfg),
-        kind=manifest["model"]["kind"],
-        train_rows=train_rows,
-        model_out=model_uri(worker_cfg),
-        holdout=holdout_sample(cfg, manifest),
-    )
+    plan = worker_plan(cfg, worker_cfg, manifest, train_rows)
     # Same order every epoch and every run: a resumed or restarted run sees exactly the batches it would have.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True

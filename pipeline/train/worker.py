@@ -50,6 +50,10 @@ class WorkerPlan:
     train_rows: int
     model_out: str  # URI of the final diffusers UNet folder / LoRA file
     holdout: Any = None  # ObjectRef of a numpy batch of held-apart rows, or None
+    # Which files of model_path policy, reference and noise schedule load: the driver sets them from
+    # model.revision / model.variant (pipeline.train.run.training_weights), as precompute loaded the base.
+    revision: str | None = None
+    variant: str | None = None
 
 
 def setup_models(cfg: AlignConfig, plan: WorkerPlan, device: torch.device):

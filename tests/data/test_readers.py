@@ -138,8 +138,51 @@ def test_folder_reads_files_in_sorted_order_and_skips_marker_files(tmp_path):
     write_parquet(tmp_path / "b.parquet", [{"caption": "second", "jpg_0": RED, "jpg_1": BLUE, "label_0": 1.0}])
     write_parquet(tmp_path / "a.parquet", [{"caption": "first", "jpg_0": RED, "jpg_1": GREEN, "label_0": 1.0}])
     (tmp_path / "_SUCCESS").write_bytes(b"")
+    (tmp_path / ".DS_Store").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not a table")
-    assert load_preferences(tmp_path).pairs["caption"].to_pylist() == ["first", "second"]
+    load = load_preferences(tmp_path)
+    assert load.pairs["caption"].to_pylist() == ["first", "second"]
+    assert load.summary["ignored_files"] == [str(tmp_path / "notes.txt")]  # markers and hidden files: no word
+
+
+def mixed_folder(folder: Path) -> Path:
+    """A data folder as re-alignment finds it: a Parquet shard, a JSONL shard whose images sit in a subfolder and
+    beside it, a stray text file, a CSV export and the usual markers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_parquet(folder / "part-0.parquet",
+                  [{"caption": "from parquet", "jpg_0": RED, "jpg_1": GREEN, "label_0": 1.0}])
+    (folder / "images").mkdir()
+    (folder / "images" / "blue.png").write_bytes(BLUE)
+    (folder / "grey.png").write_bytes(GREY)
+    lines = [{"caption": "from jsonl", "image_0_path": "images/blue.png", "image_1_path": "grey.png", "label_0": 0},
+             {"caption": "also jsonl", "image_0_path": "grey.png", "image_1_path": "images/blue.png", "label_0": 0}]
+    (folder / "part-1.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "notes.txt").write_text("exported by hand")
+    (folder / "part-2.csv").write_text("caption,label_0\n")
+    (folder / "_SUCCESS").write_bytes(b"")
+    return folder
+
+
+def test_a_folder_of_parquet_and_jsonl_shards_is_read_whole_and_other_files_are_reported(tmp_path):
+    from pipeline.data.readers import TableFile, list_table, table_files
+
+    folder = mixed_folder(tmp_path / "prefs")
+    assert table_files(folder) == [TableFile(str(folder / "part-0.parquet"), "parquet"),
+                                   TableFile(str(folder / "part-1.jsonl"), "jsonl")]
+    ignored = [str(folder / "notes.txt"), str(folder / "part-2.csv")]
+    assert list_table(folder).ignored == ignored
+    load = load_preferences(folder)
+    rows = load.pairs.to_pylist()
+    assert [(r["caption"], r["image_w"], r["image_l"], r["source"]) for r in rows] == [
+        ("from parquet", RED, GREEN, str(folder / "part-0.parquet")),
+        ("from jsonl", GREY, BLUE, str(folder / "part-1.jsonl")),  # images relative to the shard's folder
+        ("also jsonl", BLUE, GREY, str(folder / "part-1.jsonl")),
+    ]
+    assert load.summary["ignored_files"] == ignored and load.quarantine.num_rows == 0
+    assert_counts_add_up(load)
+    stream = PreferenceStream(folder)
+    assert pa.Table.from_batches(list(stream)).equals(load.pairs) and stream.summary == load.summary
+    assert load_preferences(folder / "part-1.jsonl").summary["ignored_files"] == []  # one file: nothing beside it
 
 
 def test_parquet_is_read_in_batches_with_row_indices_across_them(tmp_path):
@@ -311,8 +354,9 @@ def test_a_file_that_is_not_a_table_is_a_clear_error(tmp_path, name, content):
         load_preferences(tmp_path / name)
 
 
-def test_a_folder_without_parquet_files_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="no .parquet files"):
+def test_a_folder_without_parquet_or_jsonl_files_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a table")
+    with pytest.raises(ValueError, match=r"holds no \.parquet or \.jsonl files"):
         load_preferences(tmp_path)
 
 

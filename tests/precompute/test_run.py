@@ -1,6 +1,7 @@
 """run_precompute end to end on the tiny SDXL and the toy world, with a real Ray and real files."""
 
 import io
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ RESOLUTION = 32  # the store resolution the world's config sets (tests/precomput
 def _direct(model_path: str, captions: list[str], images: list[bytes]) -> dict:
     """The same encoders run by hand, without Ray, on the given captions and encoded images."""
     parts = load_components(model_path, parts=("vae", "text"))
-    clip = ClipEmbedder("tiny")
+    clip = ClipEmbedder("tiny", "random")
     crops = [prepare_image(Image.open(io.BytesIO(data)).convert("RGB"), RESOLUTION) for data in images]
     pixels = np.stack([crop.pixels for crop in crops])
     with torch.no_grad():
@@ -198,6 +199,49 @@ def test_grown_table_encodes_only_new_rows_and_quarantines_bad_ones(world, first
     assert wide_row.column("add_time_ids").to_pylist() == [[48, 72, 0, 8, 32, 32]]  # 72x48 -> 48x32, crop left 8
     latents = stacked_tensors(wide_row.column("latents"), wide_row.column("latent_shape").to_pylist())
     assert latents.shape == (1, 4, 4, 4)
+
+
+def jsonl_shard(rows: list[dict], path: Path) -> Path:
+    """Toy rows as a JSONL shard whose images are PNG files under an ``images`` folder beside it."""
+    images = path.parent / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, row in enumerate(rows):
+        names = [f"images/{path.stem}_{i}_{side}.png" for side in (0, 1)]
+        for name, column in zip(names, ("jpg_0", "jpg_1")):
+            (path.parent / name).write_bytes(row[column])
+        lines.append({"caption": row["caption"], "image_0_path": names[0], "image_1_path": names[1],
+                      "label_0": row["label_0"]})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_a_jsonl_shard_beside_parquet_ones_is_new_data_and_other_files_are_reported(world, first_run, tmp_path):
+    """Re-alignment's case: a JSONL shard lands in the data folder beside the Parquet shard the store was made
+    from. Its rows are read (nothing new would be a lie) and a stray file is named in the summary."""
+    store = tmp_path / "features"
+    shutil.copytree(first_run.store, store)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(first_run.source, data / "part-0.parquet")  # the 8 rows the store holds
+    jsonl = jsonl_shard(pq.read_table(world.toy_table).to_pylist()[8:], data / "part-1.jsonl")
+    (data / "notes.txt").write_text("exported by hand")
+
+    summary = run_precompute(world.config(store, f"data.source={data}"))
+    load = load_preferences(data)
+    assert summary["reader"] == load.summary  # the streaming path reads the folder as load_preferences does
+    assert summary["ignored_files"] == load.summary["ignored_files"] == [str(data / "notes.txt")]
+    assert "notes.txt" in format_summary(summary)
+    sources = {r["source"] for r in load.pairs.to_pylist()}
+    assert sources == {str(data / "part-0.parquet"), str(jsonl)}
+    new = _pair_ids(load.pairs) - _pair_ids(load_preferences(first_run.source).pairs)
+    assert not summary["nothing_new"] and summary["new_pairs"] == len(new) > 0
+    assert summary["skipped_pairs"] == first_run.summary["new_pairs"]
+    manifest = read_manifest(str(store))
+    assert committed_pair_ids(FeatureStore(str(store)), manifest) == _pair_ids(load.pairs)
+    stored = FeatureStore(str(store)).read_table(manifest, "pairs").to_pylist()
+    assert {r["source"] for r in stored if r["pair_id"] in new} == {str(jsonl)}
+    assert set(new) <= set(_all_rows(str(store)))  # their features were encoded: training reads them
 
 
 def crash_world(world, folder: Path) -> Path:

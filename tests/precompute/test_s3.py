@@ -81,6 +81,43 @@ def test_a_missing_bucket_stops_the_run_before_any_work(world, s3_endpoint, tmp_
         run_precompute(cfg)
 
 
+def test_an_s3_folder_of_parquet_and_jsonl_shards_is_read_whole_and_other_files_are_reported(world, bucket,
+                                                                                              ray_session):
+    """A JSONL shard (images beside it, named relative to its folder) next to a Parquet shard and a stray file, on
+    S3: both shards are read by load_preferences and by precompute's streaming read tasks; the stray file is named."""
+    import json
+
+    from pipeline.data.readers import TableFile, list_table, table_files
+    from pipeline.precompute.source import RowCheck, read_checked_rows
+
+    toy = pq.read_table(world.toy_table)
+    _upload(bucket, "prefs", "mixed/part-0.parquet", toy.slice(0, 4))
+    lines = []
+    for i, row in enumerate(toy.slice(4, 3).to_pylist()):
+        names = [f"images/{i}_{side}.png" for side in (0, 1)]
+        for name, column in zip(names, ("jpg_0", "jpg_1")):
+            bucket.put_object(Bucket="prefs", Key=f"mixed/{name}", Body=row[column])
+        lines.append(json.dumps({"caption": row["caption"], "image_0_path": names[0], "image_1_path": names[1],
+                                 "label_0": row["label_0"]}))
+    bucket.put_object(Bucket="prefs", Key="mixed/part-1.jsonl", Body="\n".join(lines).encode())
+    bucket.put_object(Bucket="prefs", Key="mixed/notes.txt", Body=b"exported by hand")
+
+    uri = "s3://prefs/mixed"
+    assert table_files(uri) == [TableFile(f"{uri}/part-0.parquet", "parquet"),
+                                TableFile(f"{uri}/part-1.jsonl", "jsonl")]
+    assert list_table(uri).ignored == [f"{uri}/notes.txt"]
+    load = load_preferences(uri)
+    assert load.summary["ignored_files"] == [f"{uri}/notes.txt"] and load.quarantine.num_rows == 0
+    assert {r["source"] for r in load.pairs.to_pylist()} == {f"{uri}/part-0.parquet", f"{uri}/part-1.jsonl"}
+    assert load.pairs.num_rows == load.summary["kept"] > 4  # the JSONL shard's rows too
+
+    check = RowCheck(drop_ties=True, max_image_pixels=world.config("unused").data.max_image_pixels,
+                     max_aspect_ratio=3.0)
+    streamed = read_checked_rows(table_files(uri), check, num_cpus=0.5).take_all()
+    assert {r["pair_id"] for r in streamed if r["status"] == "pair"} == set(load.pairs.column("pair_id").to_pylist())
+    assert {r["source"] for r in streamed} == {f"{uri}/part-0.parquet", f"{uri}/part-1.jsonl"}
+
+
 def test_wrong_credentials_stop_the_run_naming_the_variables(world, bucket, monkeypatch, tmp_path):
     import moto.settings
 
