@@ -376,6 +376,13 @@ class ImageRewardModel(nn.Module):
         return self.mlp(text[:, 0, :].float()).squeeze(-1)
 
 
+def model_on_meta(arch: ImageRewardArch) -> ImageRewardModel:
+    """The model's parameter names and shapes with no memory: no random init of 446M parameters only to overwrite
+    them (the loader assigns the file's tensors), and a preflight check of a file's keys in about a second."""
+    with torch.device("meta"):
+        return ImageRewardModel(arch)
+
+
 def fit_state_dict(model: nn.Module, state: dict[str, Any], *, source: str) -> dict[str, torch.Tensor]:
     """The published state dict -> exactly the model's keys; ValueError listing every key that does not fit."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -407,17 +414,30 @@ def _not_found(what: str, path: str, key: str, detail: str = "") -> WeightsNotFo
                            f"{WEIGHTS_FILE}, and {CONFIG_KEY}.backbone to the tokenizer folder.")
 
 
-def _looks_like_hub_id(s: str) -> bool:
+def looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).exists()
 
 
 def resolve_weights(weights: str | None) -> tuple[Path, Path | None]:
     """-> (ImageReward.pt, med_config.json or None): a local file, a folder holding them, or a hub repo id
     (``THUDM/ImageReward``). Unset is an error, as for every reward model: no silent download."""
+    if weights and looks_like_hub_id(weights):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            pt = Path(hf_hub_download(weights, WEIGHTS_FILE))
+            med = Path(hf_hub_download(weights, MED_CONFIG_FILE))
+        except Exception as e:  # offline, unknown repo, missing file: all mean "not here"
+            raise _not_found("weights", f"hub:{weights}/{WEIGHTS_FILE}", "weights", f"{type(e).__name__}") from e
+        return pt, med
+    return local_weights(weights)
+
+
+def local_weights(weights: str | None) -> tuple[Path, Path | None]:
+    """-> (ImageReward.pt, med_config.json or None) from a local file or a folder holding them; else WeightsNotFound."""
     if not weights:
         raise _not_found("weights", "<unset>", "weights", "not given")
-    source = weights
-    path = Path(source).expanduser()
+    path = Path(weights).expanduser()
     if path.is_file():
         med = path.parent / MED_CONFIG_FILE
         return path, med if med.is_file() else None
@@ -426,16 +446,19 @@ def resolve_weights(weights: str | None) -> tuple[Path, Path | None]:
             raise _not_found("weights", str(path / WEIGHTS_FILE), "weights", f"the folder has no {WEIGHTS_FILE}")
         med = path / MED_CONFIG_FILE
         return path / WEIGHTS_FILE, med if med.is_file() else None
-    if _looks_like_hub_id(source):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            pt = Path(hf_hub_download(source, WEIGHTS_FILE))
-            med = Path(hf_hub_download(source, MED_CONFIG_FILE))
-        except Exception as e:  # offline, unknown repo, missing file: all mean "not here"
-            raise _not_found("weights", f"hub:{source}/{WEIGHTS_FILE}", "weights", f"{type(e).__name__}") from e
-        return pt, med
     raise _not_found("weights", str(path), "weights")
+
+
+def tokenizer_folder(backbone: str | None) -> Path | None:
+    """The local tokenizer folder ``backbone`` names; None for a hub id (default bert-base-uncased); WeightsNotFound
+    for a path meant as local that is not a folder."""
+    source = backbone or DEFAULT_TOKENIZER
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise _not_found("tokenizer folder", str(local), "backbone")  # meant as a local folder, not a hub id
+    return None
 
 
 def load_tokenizer(backbone: str | None):
@@ -443,11 +466,9 @@ def load_tokenizer(backbone: str | None):
     from transformers import BertTokenizer
 
     source = backbone or DEFAULT_TOKENIZER
-    local = Path(source).expanduser()
-    if not local.is_dir() and (local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise _not_found("tokenizer folder", str(local), "backbone")  # meant as a local folder, not a hub id
+    local = tokenizer_folder(backbone)
     try:
-        tokenizer = BertTokenizer.from_pretrained(str(local) if local.is_dir() else source)
+        tokenizer = BertTokenizer.from_pretrained(str(local) if local else source)
     except Exception as e:
         raise _not_found("tokenizer", source, "backbone", f"{type(e).__name__}: {e}") from e
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
@@ -492,8 +513,7 @@ class ImageRewardScorer:
              device: str = "cpu") -> ImageRewardScorer:
         weights_file, med_config = resolve_weights(weights)
         tokenizer = load_tokenizer(backbone)  # before reading 1.8 GB, so a missing tokenizer fails fast
-        with torch.device("meta"):  # no random init of 446M parameters only to overwrite them
-            model = ImageRewardModel(load_arch(arch, med_config=med_config if arch is None else None))
+        model = model_on_meta(load_arch(arch, med_config=med_config if arch is None else None))
         state = read_torch_file(weights_file, scorer="imagereward", source=WEIGHTS_SOURCE)  # names file and source
         fitted = fit_state_dict(model, state, source=str(weights_file))
         # float32 as the published modules, whatever the file's dtype

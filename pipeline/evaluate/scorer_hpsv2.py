@@ -43,17 +43,13 @@ class HpsV2Scorer:
     def load(cls, *, weights: str | None = None, arch: str | None = None, device: str = "cpu") -> "HpsV2Scorer":
         arch = arch or PUBLISHED_ARCH
         path = resolve_file(weights, scorer="hpsv2", source=SOURCE)
-        checkpoint = read_torch_file(path, scorer="hpsv2", source=SOURCE)
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"hpsv2 scorer: {path} is not an HPS checkpoint (a dict with a 'state_dict' key). "
-                             f"Expected {SOURCE}; set evaluate.hpsv2.weights to that file.")
+        state_dict = hps_state_dict(read_torch_file(path, scorer="hpsv2", source=SOURCE), path)
         try:  # the bare architecture, explicitly random: the checkpoint replaces every tensor (key set checked below)
             embedder = ClipEmbedder(arch, RANDOM, device=device)  # ViT-H-14 as named: GELU, as HPS was trained
         except ValueError as err:
-            raise ValueError(f"hpsv2 scorer: evaluate.hpsv2.arch={arch!r}: {err}") from err
-        check_state_dict(embedder.model.state_dict(), checkpoint["state_dict"], scorer="hpsv2", path=path,
-                         source=SOURCE, arch=arch)
-        embedder.model.load_state_dict(checkpoint["state_dict"])  # a float16 file is cast to float32
+            raise arch_refusal(arch, err) from err
+        check_state_dict(embedder.model.state_dict(), state_dict, scorer="hpsv2", path=path, source=SOURCE, arch=arch)
+        embedder.model.load_state_dict(state_dict)  # a float16 file is cast to float32
         return cls(embedder)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
@@ -78,6 +74,18 @@ class HpsV2Scorer:
         image_features = F.normalize(model.encode_image(pixels).float(), dim=-1).cpu()
         text_features = self.embedder.embed_texts(prompts)  # L2-normalised, float32, on the CPU
         return (image_features * text_features).sum(-1).double().numpy()
+
+
+def hps_state_dict(checkpoint, path) -> dict:
+    """The CLIP state dict in an HPS checkpoint: the published file is a dict whose 'state_dict' holds it."""
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"hpsv2 scorer: {path} is not an HPS checkpoint (a dict with a 'state_dict' key). "
+                         f"Expected {SOURCE}; set evaluate.hpsv2.weights to that file.")
+    return checkpoint["state_dict"]
+
+
+def arch_refusal(arch: str, err: ValueError) -> ValueError:
+    return ValueError(f"hpsv2 scorer: evaluate.hpsv2.arch={arch!r}: {err}")
 
 
 def save_tiny_hpsv2(out_dir: Path) -> dict:

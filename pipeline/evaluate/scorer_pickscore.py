@@ -30,6 +30,15 @@ PROCESSOR_SOURCE = ("the processor files (preprocessor_config.json, tokenizer fi
                     "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
 PUBLISHED_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 MAX_TOKENS = 77
+# PickScore_v1's config.json (laion's CLIP-ViT-H-14: its 986M parameters, open_clip's ViT-H-14 in transformers'
+# layout), so the published architecture can be built without the hub; fields left out are CLIPConfig's defaults.
+PUBLISHED_CONFIG = {
+    "text_config": {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                    "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu"},
+    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "gelu"},
+    "projection_dim": 1024,
+}
 
 
 def load_processor(backbone: str | None):
@@ -44,6 +53,30 @@ def load_processor(backbone: str | None):
     except (OSError, ValueError) as err:
         raise not_found("pickscore", str(folder), source=PROCESSOR_SOURCE, key="backbone",
                         why=str(err).splitlines()[0]) from err
+
+
+def clip_model_on_meta(folder: Path | None = None):
+    """The CLIPModel of ``folder``'s config.json (None: the published one) on the meta device: its parameter names
+    and shapes, with no memory, in well under a second."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = (CLIPConfig(**PUBLISHED_CONFIG) if folder is None
+              else CLIPConfig.from_pretrained(folder, local_files_only=True))
+    with torch.device("meta"):
+        return CLIPModel(config)
+
+
+def is_old_buffer(key: str) -> bool:
+    """position_ids: a buffer transformers 4 saved and 5 no longer keeps; files that have it load as well."""
+    return key.endswith("position_ids")
+
+
+def misfit(folder, missing: list[str], unexpected: list[str], mismatched: list[str]) -> ValueError:
+    return ValueError(
+        f"pickscore scorer: the weights in {folder} do not fit a CLIPModel: missing keys {missing[:3]}, "
+        f"unexpected keys {unexpected[:3]}, wrong shapes {mismatched[:3]}. Expected {SOURCE}; set "
+        f"evaluate.pickscore.weights to that folder."
+    )
 
 
 def _projected(output) -> torch.Tensor:
@@ -75,14 +108,10 @@ class PickScoreScorer:
                              f"Expected {SOURCE}; set evaluate.pickscore.weights to that folder.") from err
         # from_pretrained would fill missing tensors with random values and carry on: refuse instead.
         missing = sorted(info["missing_keys"])
-        unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith("position_ids"))  # old buffers
+        unexpected = sorted(k for k in info["unexpected_keys"] if not is_old_buffer(k))
         mismatched = sorted(str(k) for k in info["mismatched_keys"])
         if missing or unexpected or mismatched:
-            raise ValueError(
-                f"pickscore scorer: the weights in {folder} do not fit a CLIPModel: missing keys {missing[:3]}, "
-                f"unexpected keys {unexpected[:3]}, wrong shapes {mismatched[:3]}. Expected {SOURCE}; set "
-                f"evaluate.pickscore.weights to that folder."
-            )
+            raise misfit(folder, missing, unexpected, mismatched)
         return cls(model.to(device), processor, device)
 
     @torch.no_grad()

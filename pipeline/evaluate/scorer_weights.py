@@ -7,6 +7,7 @@ set: a reward model that silently ran with random or half-loaded weights would g
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ def not_found(scorer: str, spec: str | None, *, source: str, key: str = "weights
 def _is_local(spec: str) -> bool:
     """A path the user means as local: it exists, or it cannot be a hub id."""
     return Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~")) or not _HUB_ID.match(spec)
+
+
+def is_hub_id(spec: str) -> bool:
+    """``spec`` names the hub ("owner/repo" or "owner/repo/file"), as resolve_file and resolve_folder read it."""
+    return not _is_local(spec)
 
 
 def resolve_file(spec: str | None, *, scorer: str, source: str, key: str = "weights") -> Path:
@@ -74,10 +80,12 @@ def resolve_folder(spec: str | None, *, scorer: str, source: str, key: str = "we
         raise not_found(scorer, spec, source=source, key=key, why=f"no local folder, and the hub said: {err}") from err
 
 
-def read_torch_file(path: Path, *, scorer: str, source: str, key: str = "weights") -> Any:
-    """torch.load without executing pickled code (published checkpoints hold only tensors, dicts and numbers)."""
+def read_torch_file(path: Path, *, scorer: str, source: str, key: str = "weights", mmap: bool = False) -> Any:
+    """torch.load without executing pickled code (published checkpoints hold only tensors, dicts and numbers).
+    ``mmap``: map the tensors instead of reading them (nothing is read until touched), for checks that need only
+    shapes; an old non-zip file cannot be mapped and is read whole, as the loaders read it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # unpickling, zip and EOF errors alike: the file is not what it should be
         raise ValueError(
             f"{scorer} scorer: {path} is not a readable PyTorch weights file: {unreadable_reason(path, err)}. "

@@ -37,7 +37,7 @@ from PIL import Image
 from pipeline.data.toy import STYLES, classify_style, target_style_score
 from pipeline.evaluate.names import SCORER_NAMES
 from pipeline.evaluate.scorer_weights import WeightsNotFound, check_state_dict, not_found
-from pipeline.models.clip import RANDOM, SCHEMA_PREFIXES, TINY_NAME, ClipEmbedder, _register_tiny
+from pipeline.models.clip import RANDOM, SCHEMA_PREFIXES, TINY_NAME, ClipEmbedder, _register_tiny, open_clip_on_meta
 
 __all__ = ["Scorer", "WeightsNotFound", "build_scorer", "save_tiny_twin", "ClipScorer", "StyleScorer"]
 
@@ -126,6 +126,25 @@ def load_open_clip(scorer: str, arch: str, pretrained: str | None, *, device: st
     ValueError with its reason. "random" is accepted only where ``random_ok`` (never for a reward model's backbone)."""
     import open_clip.factory
 
+    pretrained, is_file = open_clip_weights(scorer, arch, pretrained, key=key, source=source, random_ok=random_ok)
+    try:
+        return ClipEmbedder(arch, pretrained, device=device)
+    except ValueError as err:  # ClipEmbedder's own refusal says what is wrong and what to give
+        raise open_clip_refusal(scorer, arch, pretrained, err, key=key, source=source) from err
+    except RuntimeError as err:
+        if not is_file:  # open_clip could not download (or find in its cache) the tag's file
+            raise not_found(scorer, pretrained, source=source, key=key, why=str(err)) from err
+        if "state_dict" in str(err):
+            expected = open_clip_on_meta(arch, pretrained).state_dict()  # names and shapes only
+            got = open_clip.factory.load_state_dict(pretrained)  # open_clip's own reading ('state_dict', 'module.')
+            check_state_dict(expected, got, scorer=scorer, path=pretrained, source=source, key=key, arch=arch)
+        raise
+
+
+def open_clip_weights(scorer: str, arch: str, pretrained: str | None, *, key: str, source: str = OPEN_CLIP_SOURCE,
+                      random_ok: bool = False) -> tuple[str | None, bool]:
+    """What load_open_clip refuses before building anything (weights not given, "random" where it is not allowed,
+    a file that is not there); returns (pretrained, whether it is a local file), a file's path expanded."""
     where = f"evaluate.{scorer}.{key}"
     schema = arch.startswith(SCHEMA_PREFIXES)  # "hf-hub:org/repo": the weights come with the name
     if not pretrained and not schema:
@@ -138,19 +157,14 @@ def load_open_clip(scorer: str, arch: str, pretrained: str | None, *, device: st
             raise not_found(scorer, pretrained, source=source, key=key,
                             why=f"neither a file nor a pretrained tag of {arch}")
         pretrained = str(Path(pretrained).expanduser())
-    try:
-        return ClipEmbedder(arch, pretrained, device=device)
-    except ValueError as err:  # ClipEmbedder's own refusal says what is wrong and what to give
-        raise ValueError(f"{scorer} scorer (evaluate.{scorer}.arch={arch!r}, {where}={pretrained!r}): {err}. "
-                         f"Expected {source}.") from err
-    except RuntimeError as err:
-        if not is_file:  # open_clip could not download (or find in its cache) the tag's file
-            raise not_found(scorer, pretrained, source=source, key=key, why=str(err)) from err
-        if "state_dict" in str(err):
-            expected = ClipEmbedder(arch, RANDOM, device="cpu").model.state_dict()
-            got = open_clip.factory.load_state_dict(pretrained)  # open_clip's own reading ('state_dict', 'module.')
-            check_state_dict(expected, got, scorer=scorer, path=pretrained, source=source, key=key, arch=arch)
-        raise
+    return pretrained, is_file
+
+
+def open_clip_refusal(scorer: str, arch: str, pretrained: str | None, err: ValueError, *, key: str,
+                      source: str = OPEN_CLIP_SOURCE) -> ValueError:
+    """open_clip_build's refusal (an unknown model, a TorchScript file) in the scorers' words."""
+    return ValueError(f"{scorer} scorer (evaluate.{scorer}.arch={arch!r}, evaluate.{scorer}.{key}={pretrained!r}): "
+                      f"{err}. Expected {source}.")
 
 
 def is_open_clip_tag(arch: str, pretrained: str) -> bool:
@@ -182,6 +196,13 @@ def seeded(make, seed: int = TWIN_SEED):
 # ---------------------------------------------------------------------------------------------------- scorers
 
 
+def no_clip_weights(arch: str) -> WeightsNotFound:
+    return WeightsNotFound(
+        f"clip scorer: no CLIP weights named for {arch!r} (evaluate.clip.weights; in a run it defaults to "
+        f"model.clip_pretrained). Give {CLIP_SCORER_SOURCE}, e.g. --set evaluate.clip.weights={RANDOM}"
+    )
+
+
 class ClipScorer:
     """CLIPScore (Hessel et al. 2021, with torchmetrics' weight 100): 100 * max(cos(image, text), 0)."""
 
@@ -195,10 +216,7 @@ class ClipScorer:
         """``weights``: an open_clip tag of ``arch``, a local weights file, or "random"; never random by default."""
         arch = arch or TINY_NAME
         if not weights and not arch.startswith(SCHEMA_PREFIXES):
-            raise WeightsNotFound(
-                f"clip scorer: no CLIP weights named for {arch!r} (evaluate.clip.weights; in a run it defaults to "
-                f"model.clip_pretrained). Give {CLIP_SCORER_SOURCE}, e.g. --set evaluate.clip.weights={RANDOM}"
-            )
+            raise no_clip_weights(arch)
         return cls(load_open_clip("clip", arch, weights, device=device, key="weights", source=CLIP_SCORER_SOURCE,
                                   random_ok=True))
 
