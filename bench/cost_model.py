@@ -3,10 +3,11 @@
     .venv/bin/python bench/cost_model.py            # CPU, ~1 min: prints a table, writes bench/results/cost_model.json
 
 FLOPs are counted, not estimated: torch's `FlopCounterMode` runs the real SDXL and SD1.5 UNet architectures
-(diffusers' `UNet2DConditionModel` from the published configs below) on the meta device, so no weights and no
-arithmetic, only shapes. One step per pair = policy forward + backward over the stacked [winner; loser] batch
-(2 images) + the frozen reference's forward over the same 2 images, which is what `pipeline.train.step` runs. The
-loss (B x B weights) and the optimizer are left out: a millisecond and a memory-bound pass (README, Benchmarks).
+(diffusers' `UNet2DConditionModel` from the published configs, pipeline/models/architectures.py) on the meta device,
+so no weights and no arithmetic, only shapes. One step per pair = policy forward + backward over the stacked
+[winner; loser] batch (2 images) + the frozen reference's forward over the same 2 images, which is what
+`pipeline.train.step` runs. The loss (B x B weights) and the optimizer are left out: a millisecond and a memory-bound
+pass (README, Benchmarks).
 These are model FLOPs: the forward that gradient checkpointing recomputes is not counted, as MFU is usually defined.
 
 Memory per GPU follows DeepSpeed's bf16 ZeRO accounting (checked against the measured H200 peaks, bench/NOTES.md),
@@ -26,6 +27,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.models.architectures import PUBLISHED_PARAMETERS as PUBLISHED_BY_COMPONENT
+from pipeline.models.architectures import UNET_CONFIGS, build_on_meta
+
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cost_model.json"
 GiB = 2**30
@@ -39,39 +43,16 @@ GOAL_MFU = 0.45
 PAPER_PAIRS_PER_STEP = 2048  # Diffusion-RPO / Diffusion-DPO's SDXL setting: effective batch 2048 pairs
 PAPER_STEPS = 2000
 
-# The UNet configs of stabilityai/stable-diffusion-xl-base-1.0 and runwayml/stable-diffusion-v1-5 (unet/config.json),
-# the arguments that differ from UNet2DConditionModel's defaults (in_channels=out_channels=4, layers_per_block=2,
-# norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0 are both models' values and the defaults).
-UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "sdxl": dict(
-        sample_size=128, block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    ),
-    "sd15": dict(
-        sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    ),
-}
-PUBLISHED_PARAMETERS = {"sdxl": 2_567_463_684, "sd15": 859_520_964}  # a check that the configs are the real ones
+# The published SDXL and SD1.5 UNet configs and parameter counts live in pipeline/models/architectures.py (one source
+# for this model and the preflight's model check).
+PUBLISHED_PARAMETERS = {kind: counts["unet"] for kind, counts in PUBLISHED_BY_COMPONENT.items()}
 RESOLUTION = {"sdxl": 1024, "sd15": 512}
 POOLED_DIM = 1280  # SDXL's text_embeds (OpenCLIP bigG pooled); time_ids add 6 x 256
 
 
 def build_meta_unet(config: dict[str, Any], dtype: torch.dtype = torch.bfloat16):
-    from diffusers import UNet2DConditionModel
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in the dtype: no cast (diffusers warns about casting after loading)
-    try:
-        with torch.device("meta"):
-            return UNet2DConditionModel(**config)
-    finally:
-        torch.set_default_dtype(default)
+    # Built in the dtype: no cast (diffusers warns about casting after loading).
+    return build_on_meta(config, "unet", dtype=dtype)
 
 
 def unet_inputs(unet, images: int, latent: int, dtype: torch.dtype = torch.bfloat16) -> tuple[tuple, dict]:

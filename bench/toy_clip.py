@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from pipeline.data.toy import STYLES, random_scene, render_scene
+from pipeline.data.toy import FIT_THREADS, STYLES, fixed_threads, random_scene, render_scene, state_digest
 from pipeline.data.toy_clip import ToyClipSettings, fit_toy_clip
 from pipeline.models.clip import ClipEmbedder
 
@@ -66,16 +66,16 @@ def main() -> None:
     clip = ClipEmbedder("tiny", "random")  # the seeded random start every process builds
     random_start = structure(clip)
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)  # as toy_clip_weights does
+    with torch.random.fork_rng(devices=[]), fixed_threads():
+        torch.manual_seed(settings.seed)  # as toy_clip_weights does: the default settings give the shipped weights
         fit = fit_toy_clip(clip.model, clip.preprocess, clip.tokenizer, settings)
     fitted = structure(clip)
     print(f"{'measure':40s} {'random start':>12s} {'fitted':>8s}")
     for key in fitted:
         print(f"{key:40s} {random_start[key]:12.3f} {fitted[key]:8.3f}")
     print(f"fit: loss {fit['first_loss']:.2f} -> {fit['last_loss']:.2f} in {time.perf_counter() - started:.0f} s")
-    record = {"settings": asdict(settings), "threads": torch.get_num_threads(), "fit": fit,
-              "random_start": random_start, "fitted": fitted}
+    record = {"settings": asdict(settings), "threads": FIT_THREADS, "weights": state_digest(clip.model.state_dict()),
+              "fit": fit, "random_start": random_start, "fitted": fitted}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out}")

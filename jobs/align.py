@@ -12,6 +12,7 @@ The last line printed is the report's path (<run>/report/index.html): base vs al
 """
 
 from pipeline.cli import init_ray, parse
+from pipeline.preflight.run import require_preflight
 from pipeline.evaluate.compare import summary_lines
 from pipeline.evaluate.run import evaluate_models
 from pipeline.precompute import format_summary, run_precompute
@@ -20,6 +21,7 @@ from pipeline.train.run import run_training
 
 def main() -> None:
     cfg = parse(__doc__.splitlines()[0])
+    require_preflight(cfg, job="align")  # the offline checks: a failure prints the table and exits (2)
     init_ray(cfg)
     summary = run_precompute(cfg)
     print(format_summary(summary))

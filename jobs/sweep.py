@@ -11,11 +11,13 @@ trial and the report's path.
 """
 
 from pipeline.cli import init_ray, parse
+from pipeline.preflight.run import require_preflight
 from pipeline.tune.run import run_sweep
 
 
 def main() -> None:
     cfg = parse(__doc__.splitlines()[0])
+    require_preflight(cfg, job="sweep")  # the offline checks: a failure prints the table and exits (2)
     init_ray(cfg)
     result = run_sweep(cfg)
     if result.interrupted:

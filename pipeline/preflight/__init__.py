@@ -1,0 +1,1 @@
+"""The preflight: what a run needs, checked before it starts (run.py), one function per stage (checks.py)."""
