@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.models.architectures import PUBLISHED_PARAMETERS as PUBLISHED_BY_COMPONENT
 from pipeline.models.architectures import UNET_CONFIGS, build_on_meta
+from pipeline.train.memory import zero_memory_per_gpu  # the one memory model (the preflight uses it too)
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cost_model.json"
@@ -198,37 +199,6 @@ def saved_activation_bytes(unet, *, latent: int, images: int) -> dict[str, int]:
         "checkpointed": sum(outside.values()) + sum(inputs.values()) + max(
             (sum(b.values()) for b in inside.values()), default=0),
     }
-
-
-# ------------------------------------------------------------------------------------------------ memory
-
-
-def zero_memory_per_gpu(params: int, *, stage: int, gpus: int, activations: int, reference: bool = True,
-                        bucket_elements: int = 50_000_000) -> dict[str, float]:
-    """Bytes per GPU of a bf16 full fine-tune with torch AdamW under DeepSpeed ZeRO `stage` (2 or 3) on `gpus`.
-
-    DeepSpeed's bf16 ZeRO-2 keeps the bf16 weights whole and partitions the rest: the bf16 gradient partition, the
-    fp32 master weights, Adam's two fp32 moments and, during `engine.step`, the fp32 copy of the gradient partition
-    it hands the optimizer; plus one reduce bucket of bf16 gradients. ZeRO-3 partitions the bf16 weights too (and
-    gathers a prefetch bucket at a time). The frozen reference is bf16, whole under ZeRO-2 and partitioned under
-    ZeRO-3 (pipeline.train: an inference-only DeepSpeed engine).
-    """
-    n = gpus
-    bf16_weights = 2 * params / (n if stage == 3 else 1)
-    parts = {
-        "weights_bf16": bf16_weights,
-        "grads_bf16": 2 * params / n,
-        "master_fp32": 4 * params / n,
-        "adam_moments_fp32": 8 * params / n,
-        "grad_fp32_in_step": 4 * params / n,
-        "buckets": 2 * bucket_elements * (2 if stage == 3 else 1),
-        "reference_bf16": (bf16_weights if reference else 0),
-        "activations": activations,
-    }
-    # The fp32 gradient copy lives only inside engine.step, after backward has freed the activations.
-    parts["total"] = sum(v for k, v in parts.items() if k not in ("activations", "grad_fp32_in_step")) + max(
-        activations, parts["grad_fp32_in_step"])
-    return parts
 
 
 # ---------------------------------------------------------------------------------------------- derived

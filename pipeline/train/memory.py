@@ -35,7 +35,7 @@ def activation_bytes(kind: str, *, resolution: int, images: int, checkpointing: 
 
 def zero_memory_per_gpu(params: int, *, stage: int, gpus: int, activations: float, reference: bool = True,
                         trainable: int | None = None, offload_optimizer: bool = False,
-                        bucket_elements: int = REDUCE_BUCKET_ELEMENTS) -> dict[str, float]:
+                        bucket_elements: int = REDUCE_BUCKET_ELEMENTS, cuda_context: float = 0.0) -> dict[str, float]:
     """Bytes per GPU of bf16 training with torch AdamW under DeepSpeed ZeRO `stage` (1, 2 or 3) on `gpus`.
 
     DeepSpeed's bf16 ZeRO keeps the bf16 weights whole (stage 3: partitioned) and partitions the optimizer's part
@@ -43,7 +43,7 @@ def zero_memory_per_gpu(params: int, *, stage: int, gpus: int, activations: floa
     `engine.step` it also holds an fp32 copy of the gradient partition, after backward has freed the activations.
     `trainable` (LoRA: the adapters) is what has gradients and optimizer state; the frozen reference is bf16, whole
     under stages 1-2 and partitioned under 3, and absent for LoRA (the policy with its adapters off).
-    `offload_optimizer` keeps master weights and moments in host memory.
+    `offload_optimizer` keeps master weights and moments in host memory. `cuda_context`: fixed bytes on top.
     """
     n = gpus
     trainable = params if trainable is None else trainable
@@ -58,7 +58,7 @@ def zero_memory_per_gpu(params: int, *, stage: int, gpus: int, activations: floa
         "buckets": 2 * min(bucket_elements, trainable) * (2 if stage == 3 else 1),
         "reference_bf16": weights if reference else 0.0,
         "activations": activations,
-        "cuda_context": CUDA_CONTEXT_BYTES,
+        "cuda_context": cuda_context,
     }
     parts["total"] = sum(v for k, v in parts.items() if k not in ("activations", "grad_fp32_in_step")) + max(
         activations, parts["grad_fp32_in_step"])
@@ -74,5 +74,5 @@ def training_memory_per_gpu(kind: str, params: int, *, resolution: int, pairs_pe
                                    checkpointing=checkpointing)
     parts = zero_memory_per_gpu(params, stage=stage, gpus=gpus, activations=activations,
                                 reference=reference and lora_parameters is None, trainable=lora_parameters,
-                                offload_optimizer=offload_optimizer)
+                                offload_optimizer=offload_optimizer, cuda_context=CUDA_CONTEXT_BYTES)
     return WorkerMemory(parts=parts, total=parts["total"])
