@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from pipeline.models.check import key_differences
+
 # "owner/repo" (a folder: the whole repo) or "owner/repo/path/in/repo" (one file).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.+-]+)*$")
 
@@ -112,9 +114,8 @@ def check_state_dict(expected: dict[str, torch.Tensor], got: Any, *, scorer: str
     if not isinstance(got, dict) or not all(isinstance(v, torch.Tensor) for v in got.values()):
         raise ValueError(f"{scorer} scorer: {path} does not hold a state dict of tensors. Expected {source}; "
                          f"set evaluate.{scorer}.{key} to that file.")
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    missing, unexpected, shapes = key_differences({k: tuple(v.shape) for k, v in expected.items()},
+                                                  {k: tuple(v.shape) for k, v in got.items()})
     if not (missing or unexpected or shapes):
         return
     problems = []

@@ -417,11 +417,18 @@ def _ignored_unexpected(model: torch.nn.Module, name: str) -> re.Pattern | None:
     return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
 
 
+def key_differences(expected: dict[str, tuple], found: dict[str, tuple]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, misshapen) keys, sorted, of a file's tensor shapes against a model's."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshapen = sorted(k for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
+    return missing, unexpected, misshapen
+
+
 def _compare(expected: dict[str, tuple], found: dict[str, tuple[tuple, str]], ignore: re.Pattern | None) -> str | None:
     """None when the files hold exactly the model's tensors with its shapes; else a few of each kind of difference."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(k for k in set(found) - set(expected) if ignore is None or not ignore.search(k))
-    misshapen = sorted(k for k in set(expected) & set(found) if tuple(found[k][0]) != expected[k])
+    missing, unexpected, misshapen = key_differences(expected, {k: shape for k, (shape, _) in found.items()})
+    unexpected = [k for k in unexpected if ignore is None or not ignore.search(k)]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing ({_examples(missing, lambda k: expected[k])})")
