@@ -7,7 +7,7 @@ One toy world (sketch preferred) and one feature store; from the same base (the 
 `model.pretrained=toy`, built once under --work), every method trains with the same data, steps, batch size and lr,
 once per training seed (the seed moves the data order and the noise draws), through the real pipeline
 (`run_training`: Ray Train + DeepSpeed). RPO's similarity weights come from the tiny CLIP fitted on the toy world
-(`--clip toy`, fitted once under --work; `--clip ''` keeps its random weights). A small sweep adds, on the first
+(`--clip toy`, the shipped fit; `--clip random` gives it random weights). A small sweep adds, on the first
 seed, beta for DPO and RPO, tau for RPO and beta for planned RPO. Then one `evaluate_models` call generates
 held-apart prompts x fixed image seeds for the base and every trained model (paired: same prompts, seeds and initial
 noise) and scores them with the toy style scorer. Printed and written to bench/results/toy_alignment.json (plot:
@@ -206,8 +206,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--clip", default="toy", help="model.clip_pretrained: 'toy' (the tiny CLIP fitted on the toy "
-                        "world, so RPO's weights mean scene likeness), or '' for the config's (the tiny CLIP's random "
-                        "weights)")
+                        "world, so RPO's weights mean scene likeness), or 'random' (the tiny CLIP's random weights)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--quick", action="store_true", help="RPO only, one training seed, no sweep")
     parser.add_argument("--work", type=Path, default=RESULTS / "work" / "toy_alignment")
