@@ -2,7 +2,7 @@
 
 Pure tensor functions; the only state they touch is torch.distributed (for the global batch).
 
-Notation (see shared/DESIGN.md). A batch holds B pairs (winner w, loser l) that share noise and timestep.
+Notation. A batch holds B pairs (winner w, loser l) that share noise and timestep.
 `*_mse` are per-sample means over C,H,W of (noise - prediction)^2 for the policy ("model") and the frozen
 reference ("ref"), shape [B]. The implicit reward of a sample (Diffusion-DPO, Wallace et al. 2023) is
 

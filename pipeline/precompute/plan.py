@@ -1,5 +1,5 @@
 """The batch plan: global training batches drawn from neighbourhoods of the CLIP embeddings, stored in the feature
-store with their similarity matrices (DESIGN.md "Batch plan").
+store with their similarity matrices.
 
 RPO contrasts every winner of a global batch with every loser, weighted by how related the two pairs are. In a
 random batch of a large, varied table almost no two pairs are related, so the weights put nearly all their mass on

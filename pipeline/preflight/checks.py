@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import AlignConfig, is_toy_world, join_uri
+from pipeline.config import AlignConfig, join_uri
 from pipeline.storage import is_local
 
 GIB = 2**30
@@ -163,9 +163,6 @@ def check_semantics(cfg: AlignConfig, *, job: str) -> list[Check]:
     if job == "sweep" and not cfg.tune.search_space:
         rows.append(Check("semantics", "a sweep with something to sweep", "tune.search_space is empty", FAIL,
                           "set tune.search_space, e.g. --set 'tune.search_space={loss.beta: [2000, 5000]}'"))
-    if "style" in cfg.evaluate.scorers and not is_toy_world(cfg):  # validation refuses it; kept for completeness
-        rows.append(Check("semantics", "scorers that can judge this data", "the toy style scorer on other data",
-                          FAIL, "name real scorers in evaluate.scorers"))
     if not rows:
         rows.append(Check("semantics", "settings that agree with each other and the job",
                           "no contradiction found"))
